@@ -1,0 +1,18 @@
+"""nsa_jax: DeepSeek-V3.2's lightning indexer (sglang's NSA indexer) in JAX.
+
+Public API: :func:`act_quant`, :func:`mqa_logits`, :func:`paged_mqa_logits`,
+:func:`topk_indices`, :class:`IndexKCache`; the math pieces :func:`apply_rope`,
+:func:`hadamard_rotate`; and :func:`checking` for opt-in value checks.
+"""
+
+from nsa_jax.cache import IndexKCache
+from nsa_jax.hadamard import hadamard_rotate
+from nsa_jax.ops import mqa_logits, paged_mqa_logits, topk_indices
+from nsa_jax.quant import act_quant, dequant
+from nsa_jax.rope import RopeConfig, apply_rope
+from nsa_jax.validation import checking
+
+__version__ = "0.1.0"
+
+__all__ = ["IndexKCache", "RopeConfig", "act_quant", "apply_rope", "checking", "dequant",
+           "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices"]

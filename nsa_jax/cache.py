@@ -1,0 +1,100 @@
+"""The paged cache of fp8 index keys, and its sglang/DeepGEMM byte layout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax.quant import FP8_DTYPE
+
+PAGE_SIZE = 64
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IndexKCache:
+  """One layer's paged index-K cache (a pytree, so it can be donated and jitted).
+
+  Attributes:
+    k_fp8: float8_e4m3fn [num_pages, page_size, D], token-major within a page.
+    k_scale: float32 [num_pages, page_size], one scale per token.
+
+  A token at cache slot ``s`` lives at page ``s // page_size``, offset ``s % page_size``;
+  request b's token p is slot ``block_tables[b, p // page_size] * page_size + p % page_size``.
+  """
+
+  k_fp8: jax.Array
+  k_scale: jax.Array
+
+  def __post_init__(self):
+    kf, sc = self.k_fp8, self.k_scale
+    if not hasattr(kf, "shape") or not hasattr(sc, "shape"):
+      return  # tree_util may build placeholders (None, object()) while flattening.
+    if len(kf.shape) != 3:
+      raise ValueError(f"IndexKCache: k_fp8 must be [num_pages, page_size, D], got shape {kf.shape}")
+    if kf.dtype != FP8_DTYPE:
+      raise ValueError(f"IndexKCache: k_fp8 must be float8_e4m3fn, got {kf.dtype}")
+    if tuple(sc.shape) != tuple(kf.shape[:2]):
+      raise ValueError(
+          f"IndexKCache: k_scale must be [num_pages, page_size] = {tuple(kf.shape[:2])}, got {sc.shape}")
+    if sc.dtype != jnp.float32:
+      raise ValueError(f"IndexKCache: k_scale must be float32, got {sc.dtype}")
+
+  @property
+  def num_pages(self) -> int:
+    return self.k_fp8.shape[0]
+
+  @property
+  def page_size(self) -> int:
+    return self.k_fp8.shape[1]
+
+  @property
+  def head_dim(self) -> int:
+    return self.k_fp8.shape[2]
+
+  @classmethod
+  def create(cls, num_pages: int, head_dim: int = 128, page_size: int = PAGE_SIZE) -> "IndexKCache":
+    """An all-zero cache of ``num_pages`` pages."""
+    return cls(jnp.zeros((num_pages, page_size, head_dim), FP8_DTYPE),
+               jnp.zeros((num_pages, page_size), jnp.float32))
+
+  def write(self, slots: jax.Array, k_fp8: jax.Array, k_scale: jax.Array) -> "IndexKCache":
+    """Returns the cache with token rows written at ``slots``.
+
+    Args:
+      slots: int32 [N] flat slot ids (page * page_size + offset); a slot outside
+        [0, num_pages * page_size), e.g. -1 for a padding token, is skipped.
+      k_fp8: float8_e4m3fn [N, D]; k_scale: float32 [N] (or [N, 1]).
+    """
+    n_slots = self.num_pages * self.page_size
+    slots = slots.astype(jnp.int32)
+    # Out-of-range slots are mapped past the end so that mode="drop" skips them.
+    safe = jnp.where((slots >= 0) & (slots < n_slots), slots, n_slots)
+    flat_k = self.k_fp8.reshape(n_slots, self.head_dim).at[safe].set(k_fp8, mode="drop")
+    flat_s = self.k_scale.reshape(n_slots).at[safe].set(
+        k_scale.reshape(-1).astype(jnp.float32), mode="drop")
+    return IndexKCache(flat_k.reshape(self.k_fp8.shape), flat_s.reshape(self.k_scale.shape))
+
+  def to_bytes(self) -> jax.Array:
+    """uint8 [num_pages, page_size * (D + 4)]: sglang/DeepGEMM's layout (the page's fp8 keys,
+    token-major, then its page_size float32 scales, little-endian)."""
+    P, page, D = self.k_fp8.shape
+    kb = jax.lax.bitcast_convert_type(self.k_fp8, jnp.uint8).reshape(P, page * D)
+    sb = jax.lax.bitcast_convert_type(self.k_scale, jnp.uint8).reshape(P, page * 4)
+    return jnp.concatenate([kb, sb], axis=1)
+
+  @classmethod
+  def from_bytes(cls, data: jax.Array, head_dim: int = 128, page_size: int = PAGE_SIZE
+                 ) -> "IndexKCache":
+    """Inverse of :meth:`to_bytes`; ``data`` is uint8 [num_pages, page_size * (head_dim + 4)]."""
+    if data.ndim != 2 or data.shape[1] != page_size * (head_dim + 4) or data.dtype != jnp.uint8:
+      raise ValueError(
+          f"IndexKCache.from_bytes: data must be uint8[num_pages, {page_size * (head_dim + 4)}], "
+          f"got {data.dtype}{list(data.shape)}")
+    P = data.shape[0]
+    kb = data[:, : page_size * head_dim].reshape(P, page_size, head_dim)
+    sb = data[:, page_size * head_dim:].reshape(P, page_size, 4)
+    return cls(jax.lax.bitcast_convert_type(kb, FP8_DTYPE),
+               jax.lax.bitcast_convert_type(sb, jnp.float32))

@@ -1,0 +1,68 @@
+"""NeoX-style (half-split) rotary embedding with DeepSeek's YaRN frequency correction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Rotary settings; the defaults are DeepSeek-V3.2's (64 rope dims, YaRN factor 40)."""
+
+  rope_dim: int = 64
+  theta: float = 10000.0
+  factor: float = 40.0
+  original_max_position: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  max_position: int = 163840
+
+
+def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
+  return dim * math.log(max_pos / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def inv_frequencies(cfg: RopeConfig) -> np.ndarray:
+  """float64[rope_dim // 2]: per-pair angular frequencies, YaRN-blended when extended.
+
+  YaRN keeps the high frequencies (many rotations within the original context) as they are
+  and divides the low ones by ``factor``, with a linear ramp between the two correction dims.
+  """
+  dim = cfg.rope_dim
+  freqs = 1.0 / (cfg.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+  if cfg.factor == 1.0 or cfg.max_position <= cfg.original_max_position:
+    return freqs
+  low = max(math.floor(_correction_dim(cfg.beta_fast, dim, cfg.theta, cfg.original_max_position)), 0)
+  high = min(math.ceil(_correction_dim(cfg.beta_slow, dim, cfg.theta, cfg.original_max_position)),
+             dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+  smooth = 1.0 - ramp
+  return freqs / cfg.factor * (1.0 - smooth) + freqs * smooth
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig = RopeConfig()) -> jax.Array:
+  """Rotates the first ``cfg.rope_dim`` features of x, NeoX (half-split) style.
+
+  Args:
+    x: float [T, ..., D] with D >= rope_dim; the leading axis matches ``positions``.
+    positions: int [T], each token's position in its sequence.
+
+  Returns:
+    x's shape and dtype; features ``rope_dim:`` pass through. Angles are float32.
+  """
+  r = cfg.rope_dim
+  freqs = jnp.asarray(inv_frequencies(cfg), jnp.float32)
+  ang = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [T, r/2]
+  ang = ang.reshape(ang.shape[:1] + (1,) * (x.ndim - 2) + ang.shape[1:])
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  xr = x[..., :r].astype(jnp.float32)
+  x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+  rot = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return jnp.concatenate([rot.astype(x.dtype), x[..., r:]], axis=-1)
