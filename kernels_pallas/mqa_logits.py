@@ -1,6 +1,225 @@
-"""Pallas kernel: mqa_logits (not written yet; nsa_jax falls back to the xla backend)."""
+"""Pallas Mosaic GPU kernel: fp8 ragged-prefill MQA logits (DeepGEMM ``fp8_mqa_logits``).
+
+``logits[i, j] = k_scale[j] * sum_h w[i, h] * relu(q[i, h] . k[j])`` for ks[i] <= j < ke[i].
+
+Design (Hopper, one CTA per block of ``block_q`` query tokens):
+- The ``block_q * H`` (= 128) query rows of the block are the wgmma N side, loaded once into
+  SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128. fp8 wgmma needs both
+  operands K-major, which q [T*H, D] and k [S, D] already are, so nothing is transposed.
+- Warp specialization: warpgroup 2 is the TMA producer (a ``num_stages`` ring of key and
+  k_scale tiles with full/free mbarriers); warpgroups 0 and 1 consume alternate key tiles, so
+  one's epilogue (relu, weight, head sum on the CUDA cores) overlaps the other's wgmma.
+- Epilogue in registers: the f32 accumulator [block_kv, block_q * H] gets relu and the
+  per-column weight, each query's H columns are summed (lane shuffles within a quad), the sum
+  is scaled by k_scale (after the head sum: one multiply per logit, not per head) and masked.
+- Only key tiles inside the block's [min ks, max ke) are loaded and computed; a causal prefill
+  costs about half the dense work. With ``clean_logits`` the producer, once its loads are
+  issued, fills the tiles outside that span with -inf by TMA stores from a constant tile;
+  partial tiles are masked in the epilogue. Without it those tiles are left unwritten.
+- Partial tiles at the ends of T and S rely on TMA: loads past the end read zeros, stores past
+  the end are dropped. ks/ke are clamped to [0, S] and padded to whole query blocks, so no
+  scalar read is out of bounds whatever the values.
+- Deterministic: every logit is computed by one warpgroup in a fixed order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+SUPPORTED_HEADS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = (128,)
+_WGMMA_N = 128  # block_q * H: the query rows one wgmma takes as its N side
 
 
-def unsupported_reason(*shape_args):
-  """Why the kernel cannot take these shapes, or None. Until it exists: always a reason."""
-  return "the mqa_logits Pallas kernel is not implemented yet"
+@dataclasses.dataclass(frozen=True)
+class MqaLogitsConfig:
+  """Tile sizes of the kernel. ``block_q * H`` must be 128 (the wgmma N side)."""
+
+  block_q: int
+  block_kv: int = 128
+  num_stages: int = 4
+
+  @classmethod
+  def for_heads(cls, num_heads: int) -> "MqaLogitsConfig":
+    return cls(block_q=_WGMMA_N // num_heads)
+
+
+def unsupported_reason(num_heads: int, head_dim: int) -> str | None:
+  """None when the kernel takes [*, H, D] queries, else why not."""
+  if num_heads not in SUPPORTED_HEADS:
+    return f"H={num_heads} heads (supported: {SUPPORTED_HEADS})"
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    return f"D={head_dim} head dim (supported: {SUPPORTED_HEAD_DIMS})"
+  return None
+
+
+def _fp8_transforms():
+  # fp8 wgmma operands: (8, 128) tiles with the 128-byte swizzle (128 fp8 = one 128 B row).
+  return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+
+
+def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogitsConfig, clean: bool, interpret):
+  BQ, BKV, NS = cfg.block_q, cfg.block_kv, cfg.num_stages
+  NQ = BQ * H
+  num_kv_blocks = pl.cdiv(S, BKV)
+  num_q_blocks = T_pad // BQ
+  f32 = jnp.float32
+  row_layout = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row (key)
+  col_layout = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column (query, head)
+
+  def kernel(q_ref, k_ref, ksc_ref, w_ref, ks_ref, ke_ref, lo_ref, hi_ref, out_ref,
+             q_smem, w_smem, k_smem, ksc_smem, o_smem, q_bar, kv_bar, free_bar):
+    qb = lax.axis_index("q")
+    wg = lax.axis_index("wg")
+    t0 = qb * BQ
+    lo = lo_ref[qb]
+    n = hi_ref[qb] - lo
+
+    @pl.when(wg == 2)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t0 * H, NQ)], q_smem, q_bar)
+      plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(t0 * H, NQ)], w_smem, q_bar)
+
+      @pl.loop(0, n)
+      def _load(i):
+        slot = lax.rem(i, NS)
+
+        @pl.when(i >= NS)
+        def _():
+          plgpu.barrier_wait(free_bar.at[slot])
+
+        s0 = (lo + i) * BKV
+        plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(s0, BKV)], k_smem.at[slot], kv_bar.at[slot])
+        plgpu.copy_gmem_to_smem(ksc_ref.at[pl.ds(s0, BKV)], ksc_smem.at[slot], kv_bar.at[slot])
+
+      if clean:
+        # -inf for the tiles outside [lo, hi): one constant tile, many TMA stores.
+        ninf = o_smem.at[2]
+        for j in range(BQ):
+          ninf[j, :] = jnp.full((BKV,), -jnp.inf, f32)
+        plgpu.commit_smem()
+
+        def fill(b):
+          plgpu.copy_smem_to_gmem(ninf, out_ref.at[pl.ds(t0, BQ), pl.ds(b * BKV, BKV)])
+
+        pl.loop(0, lo)(fill)
+        pl.loop(lo + n, num_kv_blocks)(fill)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg < 2)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      plgpu.barrier_wait(q_bar)
+      w = plgpu.load(w_smem, layout=col_layout)
+      kss = [ks_ref[t0 + j] for j in range(BQ)]
+      kes = [ke_ref[t0 + j] for j in range(BQ)]
+      out_buf = o_smem.at[wg]
+
+      @pl.loop(wg, n, step=2)
+      def _step(i):
+        slot = lax.rem(i, NS)
+        s0 = (lo + i) * BKV
+        plgpu.barrier_wait(kv_bar.at[slot])
+
+        def mma(acc_ref):
+          plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(mma, plgpu.ACC((BKV, NQ), f32))
+        ksc = plgpu.load(ksc_smem.at[slot], layout=row_layout)
+        s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, (BKV, NQ), [1])
+        pos = s0 + plgpu.broadcasted_iota(jnp.int32, (BKV,), 0, layout=row_layout)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # our previous tile left out_buf
+        for j in range(BQ):
+          r = s[:, j * H:(j + 1) * H].sum(axis=1) * ksc
+          out_buf[j, :] = jnp.where((pos >= kss[j]) & (pos < kes[j]), r, -jnp.inf)
+        # commit_smem syncs the warpgroup, so every thread's read of ksc_smem[slot] is done
+        # before the single-thread arrive that lets the producer refill the slot.
+        plgpu.commit_smem()
+
+        @pl.when(i + NS < n)
+        def _():
+          plgpu.barrier_arrive(free_bar.at[slot])
+
+        plgpu.copy_smem_to_gmem(out_buf, out_ref.at[pl.ds(t0, BQ), pl.ds(s0, BKV)])
+
+      plgpu.wait_smem_to_gmem(0)
+
+  f8 = jnp.float8_e4m3fn
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((T, S_out), f32),  # rows past T: stores dropped
+      grid=(num_q_blocks,),
+      grid_names=("q",),
+      num_threads=3,
+      thread_name="wg",
+      scratch_types=[
+          plgpu.SMEM((NQ, D), f8, transforms=_fp8_transforms()),
+          plgpu.SMEM((NQ,), f32),
+          plgpu.SMEM((NS, BKV, D), f8, transforms=_fp8_transforms()),
+          plgpu.SMEM((NS, BKV), f32),
+          plgpu.SMEM((3, BQ, BKV), f32),        # one output tile per consumer + the -inf tile
+          plgpu.Barrier(num_arrivals=2),
+          plgpu.Barrier(num_arrivals=2, num_barriers=NS),
+          plgpu.Barrier(num_arrivals=1, num_barriers=NS),
+      ],
+      compiler_params=plgpu.CompilerParams(),
+      interpret=interpret,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("clean_logits", "interpret", "config"))
+def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = True,
+               interpret=False, config: MqaLogitsConfig | None = None) -> jax.Array:
+  """Launches the kernel on validated arrays (see ``nsa_jax.mqa_logits`` for the contract).
+
+  Args:
+    q_fp8: float8_e4m3fn [T, H, D]; k_fp8: float8_e4m3fn [S, D]; k_scale: float32 [S];
+    weights: float32 [T, H]; ks, ke: int32 [T].
+    interpret: False, True (interpret mode with default params) or a
+      ``plgpu.InterpretGPUParams`` (e.g. with race detection).
+    config: tile sizes; default ``MqaLogitsConfig.for_heads(H)``.
+
+  Returns:
+    float32 [T, S].
+  """
+  T, H, D = q_fp8.shape
+  S = k_fp8.shape[0]
+  cfg = config or MqaLogitsConfig.for_heads(H)
+  if cfg.block_q * H != _WGMMA_N:
+    raise ValueError(f"mqa_logits kernel: block_q * H must be {_WGMMA_N}, got {cfg}")
+  BQ, BKV = cfg.block_q, cfg.block_kv
+  T_pad = pl.cdiv(T, BQ) * BQ
+  # Clamp (bad values never index out of bounds) and pad to whole query blocks (empty rows).
+  ks = jnp.clip(ks, 0, S)
+  ke = jnp.clip(ke, ks, S)
+  ks = jnp.pad(ks, (0, T_pad - T))
+  ke = jnp.pad(ke, (0, T_pad - T))
+  # Per query block, the span of key tiles any of its queries sees (empty span: lo = hi).
+  kb, keb = ks.reshape(-1, BQ), ke.reshape(-1, BQ)
+  nonempty = keb > kb
+  lo_tok = jnp.min(jnp.where(nonempty, kb, S), axis=1)
+  hi_tok = jnp.max(jnp.where(nonempty, keb, 0), axis=1)
+  lo = jnp.minimum(lo_tok // BKV, pl.cdiv(S, BKV)).astype(jnp.int32)
+  hi = jnp.maximum(pl.cdiv(hi_tok, BKV), lo).astype(jnp.int32)
+
+  if S % 8:
+    # TMA of the (8, 128)-tiled key tiles needs whole 8-row groups in GMEM; the padded keys
+    # are zeros and lie past every ke, so they are never valid.
+    k_fp8 = jnp.pad(k_fp8, ((0, 8 - S % 8), (0, 0)))
+  if interpret is True:
+    interpret = plgpu.InterpretGPUParams()
+  # TMA needs 16-byte row strides: for S % 4 != 0 the kernel writes a wider array that is
+  # sliced (one extra copy, only for such S).
+  S_out = pl.cdiv(S, 4) * 4
+  call = _build(T, T_pad, S, S_out, H, D, cfg, clean_logits, interpret or None)
+  out = call(q_fp8.reshape(T * H, D), k_fp8, k_scale, weights.reshape(T * H), ks, ke, lo, hi)
+  return out[:, :S] if S_out != S else out

@@ -85,3 +85,127 @@ def test_reference_is_memory_bounded_at_32k():
   mem = f.trace(*shapes).lower().compile().memory_analysis()
   logits_bytes = T * S * 4
   assert mem.temp_size_in_bytes + mem.output_size_in_bytes < 3 * logits_bytes, mem
+
+
+# --------------------------------------------------------------------------- Pallas kernel
+
+def _interpret_params(races=False):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  # Uninitialized memory reads as NaN: an output element the kernel forgot stays NaN.
+  return plgpu.InterpretGPUParams(detect_races=races, uninitialized_memory="nan")
+
+
+@pytest.mark.parametrize("H", [64, 32])
+def test_kernel_interpret_matches_float64(H):
+  from kernels_pallas import mqa_logits as kernel
+  rng = np.random.default_rng(20 + H)
+  for name, T, S, ks, ke in _ragged_cases(rng):
+    if T * S > 10_000:
+      continue  # interpret mode is slow; the larger cases run on the GPU
+    p = random_problem(rng, T, S, H=H, ks=ks, ke=ke)
+    out = kernel.mqa_logits(p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"],
+                            interpret=_interpret_params())
+    qd, kd = dequantized(p)
+    ref = mqa_logits_np(qd, kd, p["k_scale"], p["weights"], ks, ke)
+    assert not np.isnan(np.asarray(out)).any(), f"{name}: unwritten output elements"
+    assert_same_inf_pattern(out, ref)
+    assert calc_diff(out, ref) < 5e-6, name
+
+
+def test_kernel_interpret_race_free_multi_tile():
+  """Several key tiles per query block through the 4-stage ring, two consumers, S and T not
+  multiples of the tiles; the interpreter's race detector must stay silent."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+  from kernels_pallas import mqa_logits as kernel
+  rng = np.random.default_rng(7)
+  ks, ke, S = causal_ragged([3, 4], [700, 9])
+  p = random_problem(rng, len(ks), S, H=64, ks=ks, ke=ke)
+  out = kernel.mqa_logits(p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"],
+                          interpret=_interpret_params(races=True))
+  assert not get_races().races_found
+  ref = mqa_logits_np(*dequantized(p), p["k_scale"], p["weights"], ks, ke)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+
+
+def test_kernel_interpret_unclean_matches_on_valid_entries():
+  from kernels_pallas import mqa_logits as kernel
+  rng = np.random.default_rng(8)
+  ks, ke, S = causal_ragged([5], [300])
+  p = random_problem(rng, 5, S, H=64, ks=ks, ke=ke)
+  args = (p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"])
+  out = np.asarray(kernel.mqa_logits(*args, clean_logits=False, interpret=_interpret_params()))
+  ref = mqa_logits_np(*dequantized(p), p["k_scale"], p["weights"], ks, ke)
+  valid = np.isfinite(ref)
+  assert calc_diff(np.where(valid, out, 0), np.where(valid, ref, 0)) < 5e-6
+
+
+def test_public_op_interpret_flag():
+  rng = np.random.default_rng(9)
+  p = random_problem(rng, 3, 40, H=32)
+  args = (p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"])
+  out = nsa_jax.mqa_logits(*args, interpret=True)
+  ref = nsa_jax.mqa_logits(*args, backend="xla")
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+
+
+@pytest.mark.parametrize("T,S,H", [(8192, 65536, 64), (300, 1001, 32), (1, 77, 64), (4, 8, 128)])
+def test_kernel_cross_lowers_to_cuda(T, S, H):
+  """Real Mosaic GPU lowering (layouts, wgmma operand rules, TMA strides) from the CPU box."""
+  f = jax.jit(lambda *a: nsa_jax.mqa_logits(*a, backend="pallas"))
+  shapes = (jax.ShapeDtypeStruct((T, H, 128), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((S, 128), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((S,), jnp.float32), jax.ShapeDtypeStruct((T, H), jnp.float32),
+            jax.ShapeDtypeStruct((T,), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32))
+  text = f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+# --------------------------------------------------------------------------- GPU (H100)
+
+def _gpu_calc_diff(x, y):
+  x = jnp.where(jnp.isneginf(x), 0.0, x)
+  y = jnp.where(jnp.isneginf(y), 0.0, y)
+  return float(1.0 - 2.0 * jnp.sum(x * y) / jnp.sum(x * x + y * y))
+
+
+def _gpu_problem(T, S, H, causal, seed):
+  rng = np.random.default_rng(seed)
+  if causal:
+    ks = np.zeros(T, np.int32)
+    ke = (np.arange(T) + S - T + 1).astype(np.int32)
+  else:  # ragged multi-request with context-parallel style ranges and some empty rows
+    ks = rng.integers(0, S, T).astype(np.int32)
+    ke = np.minimum(ks + rng.integers(0, S, T), S).astype(np.int32)
+    ke[::17] = ks[::17]
+  q8, qs = nsa_jax.act_quant(jax.random.normal(jax.random.key(seed), (T, H, 128), jnp.bfloat16))
+  k8, kscale = nsa_jax.act_quant(jax.random.normal(jax.random.key(seed + 1), (S, 128), jnp.bfloat16))
+  w = jax.random.normal(jax.random.key(seed + 2), (T, H)) * H ** -0.5 * qs[..., 0] * 128 ** -0.5
+  return (q8, k8, kscale[:, 0], w, jnp.asarray(ks), jnp.asarray(ke))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,S,H,causal", [
+    (1, 4096, 64, True), (300, 1001, 64, False), (300, 4099, 32, True), (2048, 8192, 64, True),
+    (2048, 8192, 32, False), (8192, 32768, 64, True), (8192, 65536, 64, True),
+    (8192, 16384, 32, False)])
+def test_kernel_gpu_matches_reference(T, S, H, causal):
+  args = _gpu_problem(T, S, H, causal, seed=T + S + H)
+  ref = jax.jit(lambda *a: reference.mqa_logits(*a))(*args)
+  poison = jnp.full((T, S), jnp.nan, jnp.float32)  # likely reused by the kernel's output
+  poison.block_until_ready()
+  del poison
+  out = jax.jit(lambda *a: nsa_jax.mqa_logits(*a, backend="pallas"))(*args)
+  assert not bool(jnp.isnan(out).any()), "unwritten or NaN output elements"
+  assert bool((jnp.isneginf(out) == jnp.isneginf(ref)).all()), "-inf pattern differs"
+  assert _gpu_calc_diff(out, ref) < 5e-6
+
+
+@pytest.mark.gpu
+def test_kernel_gpu_deterministic():
+  args = _gpu_problem(2048, 16384, 64, True, seed=5)
+  f = jax.jit(lambda *a: nsa_jax.mqa_logits(*a, backend="pallas"))
+  first = np.asarray(f(*args))
+  for _ in range(19):
+    np.testing.assert_array_equal(np.asarray(f(*args)), first)

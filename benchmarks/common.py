@@ -1,0 +1,73 @@
+"""Shared benchmark plumbing: timing, ceilings, result tables and JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+COPY_CEILING_TBS = 2.94      # measured device-to-device copy on our H100 (anchors.md)
+FP8_CEILING_TFLOPS = 1518.0  # measured fp8 8192^3 XLA matmul on our H100 (anchors.md)
+
+
+def card() -> str:
+  return jax.devices()[0].device_kind
+
+
+def time_fn(fn, *args, warmup: int = 3, iters: int = 20) -> float:
+  """Median wall time in seconds of ``fn(*args)`` (blocking on the result each call)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def measure_fp8_ceiling(n: int = 8192) -> float:
+  """TFLOP/s of an n^3 fp8 e4m3 matmul with f32 accumulation through XLA, on this card."""
+  key = jax.random.key(0)
+  a = jax.random.normal(key, (n, n), jnp.float32).astype(jnp.float8_e4m3fn)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(jnp.float8_e4m3fn)
+  f = jax.jit(lambda x, y: jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())),
+                                               preferred_element_type=jnp.float32))
+  return 2 * n ** 3 / time_fn(f, a, b, iters=10) / 1e12
+
+
+def measure_copy_ceiling(nbytes: int = 2 << 30) -> float:
+  """TB/s (read + write) of a large device-to-device copy on this card."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda v: v * 1.0 + 0.0)
+  return 2 * nbytes / time_fn(f, x, iters=10) / 1e12
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+  widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+  print(" | ".join(c.rjust(w) for c, w in zip(cols, widths)))
+  print("-|-".join("-" * w for w in widths))
+  for r in rows:
+    print(" | ".join(_fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+  return "-" if v is None else str(v)
+
+
+def write_results(name: str, rows: list[dict], out_dir: str | None, smoke: bool, extra=None) -> None:
+  payload = dict(benchmark=name, date=datetime.date.today().isoformat(), card=card(),
+                 jax=jax.__version__, rows=rows, **(extra or {}))
+  dirs = [d for d in (out_dir, None if smoke else RESULTS_DIR) if d]
+  for d in dirs:
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"{name}{'_smoke' if smoke else ''}.json"), "w") as f:
+      json.dump(payload, f, indent=1)
