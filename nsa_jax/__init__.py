@@ -11,8 +11,15 @@ from nsa_jax.ops import mqa_logits, paged_mqa_logits, topk_indices
 from nsa_jax.quant import act_quant, dequant
 from nsa_jax.rope import RopeConfig, apply_rope
 from nsa_jax.validation import checking
+from nsa_jax import budget  # noqa: F401  (nsa_jax.budget.prime / reset / configure)
+from nsa_jax.batch import RaggedBatch, build_ragged_batch
+from nsa_jax.planner import ChunkPlan, plan_chunks
+from nsa_jax.prefill import prefill_topk
+from nsa_jax.sharding import make_mesh, prime_mesh
 
 __version__ = "0.1.0"
 
 __all__ = ["IndexKCache", "RopeConfig", "act_quant", "apply_rope", "checking", "dequant",
-           "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices"]
+           "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices",
+           "budget", "ChunkPlan", "RaggedBatch", "build_ragged_batch", "make_mesh",
+           "plan_chunks", "prefill_topk", "prime_mesh"]
