@@ -68,8 +68,9 @@ _warned: set = set()     # devices whose cold-trace warning was shown
 
 
 def _check_fraction(name: str, x, *, allow_zero: bool) -> float:
-  lo_ok = (x >= 0) if allow_zero else (x > 0)
-  if isinstance(x, bool) or not isinstance(x, (int, float)) or not (lo_ok and x <= 1):
+  ok = not isinstance(x, bool) and isinstance(x, (int, float))
+  ok = ok and ((x >= 0) if allow_zero else (x > 0)) and x <= 1
+  if not ok:
     rng = "[0, 1]" if allow_zero else "(0, 1]"
     raise ValueError(f"budget.configure: {name} must be a float in {rng}, got {x!r}")
   return float(x)
