@@ -1,6 +1,263 @@
-"""Pallas kernel: topk (not written yet; nsa_jax falls back to the xla backend)."""
+"""Pallas GPU (Triton) kernel: per-row top-k indices by an exact threshold search on counts.
+
+Per row (one program each), for the keys in [ks, ke):
+1. Each float logit maps to an order-preserving uint32 key (NaN ranks as -inf, -0.0 ties +0.0,
+   as ``reference.sortable_keys``); keys outside the row's range become 0, below every valid
+   key (the smallest valid key, that of -inf, is 0x007FFFFF).
+2. A row with at most k valid keys writes them all (ascending index, then -1) without reading
+   a single logit.
+3. Otherwise the k-th largest key is found exactly by a bracket search: ``lo`` with
+   count(key >= lo) >= k and ``hi`` with count(key >= hi) < k, starting from the row's min
+   and max + 1. Each probe is one counting pass over the row. Probes interpolate the counts
+   linearly in key space (regula falsi); a probe that fails to halve the bracket is followed by
+   a plain bisection, so the search takes at most 64 passes, typically far fewer. It stops
+   early as soon as a probe counts exactly k keys (then no tie handling is needed).
+4. A last pass writes the indices by an in-tile prefix sum: first every key above the
+   threshold (ascending index), then keys equal to the threshold (ascending index) until k
+   slots are filled.
+
+Order and tie rule: when the k-th and (k+1)-th largest keys differ, the k indices come in
+ascending index order. When they tie, the keys strictly above the tie come first (ascending
+index), then the tied keys in ascending index order until k slots are filled: the lowest tied
+indices win (as in the xla backend, whose order is descending by value instead). The selected
+set equals the reference's whenever values are distinct, and whenever ties are broken by index.
+
+Two ways to hold the row, picked statically from S:
+- resident (S <= ``_RESIDENT_MAX``): the row is loaded once as a few tiles kept in registers
+  (one CTA of up to 32 warps: 32 keys a thread) and every pass reads registers only.
+- streaming (longer rows): each pass reads the row's tiles again (from L2 once the first pass
+  has pulled them in), looping over the tiles that overlap [ks, ke) only.
+
+Count passes cost ~3 instructions a key plus one block-wide reduction, so the kernel's time
+is (1 HBM read of the row) + (number of passes) x (register or L2 sweep); see
+``benchmarks/NOTES.md`` for the floor and the measured figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+_U32 = jnp.uint32
+_I32 = jnp.int32
+_RESIDENT_MAX = 32768   # keys a row may hold in registers (32 warps x 32 threads x 32 keys)
+_MAX_TILE = 1 << 15     # per-tile prefix sums pack two 16-bit counts into one int32
+
+# jax 0.11 deprecates Pallas-Triton in favour of Mosaic GPU (warned at every lowering). This
+# kernel needs Triton's scatter stores and in-register prefix sums, which Mosaic GPU's array
+# level does not offer; the warning is silenced for this kernel's lowering only.
+warnings.filterwarnings("ignore", message=r".*Pallas Triton backend is deprecated.*")
 
 
-def unsupported_reason(*shape_args):
-  """Why the kernel cannot take these shapes, or None. Until it exists: always a reason."""
-  return "the topk Pallas kernel is not implemented yet"
+def _next_pow2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKConfig:
+  """Static shape of the kernel.
+
+  Attributes:
+    tile: keys per tile (a power of two <= 32768); one counting step handles one tile.
+    resident: hold all ``ceil(S / tile)`` tiles in registers (else re-read them every pass).
+    num_warps: warps per row-program.
+    interpolate: regula-falsi probes (else plain bisection: always ~32 passes).
+    out_chunk: output slots written per step by the few-valid path (a power of two).
+  """
+
+  tile: int
+  resident: bool
+  num_warps: int
+  interpolate: bool = True
+  out_chunk: int = 2048
+
+  def __post_init__(self):
+    if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
+      raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
+    if self.out_chunk < 1 or self.out_chunk & (self.out_chunk - 1):
+      raise ValueError(f"out_chunk must be a power of two, got {self.out_chunk}")
+
+  @classmethod
+  def default(cls, num_keys: int, k: int) -> "TopKConfig":
+    """A register-resident row up to 32K keys (32 keys a thread), else a streaming row."""
+    out_chunk = min(_next_pow2(k), 2048)
+    width = _next_pow2(num_keys)
+    if width <= _RESIDENT_MAX:
+      num_warps = min(max(width // 1024, 4), 32)
+      return cls(tile=min(width, 4096), resident=True, num_warps=num_warps, out_chunk=out_chunk)
+    return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk)
+
+
+def unsupported_reason(num_keys: int, k: int) -> str | None:
+  """None when the kernel takes rows of ``num_keys`` keys and this ``k``, else why not."""
+  if num_keys < 1 or k < 1:
+    return f"need S >= 1 and k >= 1, got S={num_keys}, k={k}"
+  if num_keys >= 2**31 - _MAX_TILE:
+    return f"S={num_keys} keys: int32 key positions would overflow"
+  return None
+
+
+def _sortable_u32(x):
+  """uint32 keys ordered like float32 x; NaN as -inf, -0.0 as +0.0 (see reference)."""
+  x = jnp.where(jnp.isnan(x), -jnp.inf, x)
+  x = jnp.where(x == 0.0, 0.0, x)
+  u = lax.bitcast_convert_type(x, _U32)
+  neg = (u >> 31) == 1
+  return jnp.where(neg, ~u, u | _U32(0x80000000))
+
+
+def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, *, num_keys, k, cfg: TopKConfig):
+  S, tile = num_keys, cfg.tile
+  n_tiles = pl.cdiv(S, tile)
+  row = pl.program_id(0)
+  # Clamped so that nothing outside [0, S) is ever addressed, whatever ks/ke hold.
+  lo_i = jnp.clip(ks_ref[row], 0, S)
+  hi_i = jnp.clip(ke_ref[row], lo_i, S)
+  n_valid = hi_i - lo_i
+  lane = lax.broadcasted_iota(_I32, (tile,), 0)
+
+  @pl.when(n_valid <= k)
+  def _few():
+    # Every valid key is chosen whatever its value: no logit is read.
+    och = cfg.out_chunk
+    def body(c, _):
+      j = c * och + lax.broadcasted_iota(_I32, (och,), 0)
+      plt.store(o_ref.at[row, j], jnp.where(j < n_valid, lo_i + j, -1), mask=j < k)
+      return _
+    lax.fori_loop(0, pl.cdiv(k, och), body, 0)
+
+  @pl.when(n_valid > k)
+  def _select():
+    def load(t):
+      """Tile t: (keys, absolute indices); keys outside [lo, hi) are 0."""
+      # A traced start: the last tile may run past S (masked), which a static slice rejects.
+      start = pl.multiple_of(lo_i * 0 + t * tile, tile)
+      idx = start + lane
+      valid = (idx >= lo_i) & (idx < hi_i)
+      x = plt.load(x_ref.at[row, pl.ds(start, tile)], mask=valid, other=0.0)
+      return jnp.where(valid, _sortable_u32(x), _U32(0)), idx
+
+    if cfg.resident:
+      tiles = [load(t) for t in range(n_tiles)]
+
+      def fold(fn, init):
+        acc = init
+        for key, idx in tiles:
+          acc = fn(acc, key, idx)
+        return acc
+    else:
+      t_lo, t_hi = lo_i // tile, pl.cdiv(hi_i, tile)
+
+      def fold(fn, init):
+        return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
+
+    zeros = jnp.zeros((tile,), _I32)
+
+    def count_ge(p):
+      return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
+
+    # Initial bracket: everything valid is >= the min key; nothing is >= max + 1.
+    kmax, kmin = fold(
+        lambda acc, key, idx: (jnp.maximum(acc[0], key),
+                               jnp.minimum(acc[1], jnp.where(key > 0, key, _U32(0xFFFFFFFF)))),
+        (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
+    lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
+
+    def cond(c):
+      lo, hi, c_lo, _, _ = c
+      return (c_lo != k) & (hi - lo > _U32(1))
+
+    def body(c):
+      lo, hi, c_lo, c_hi, bisect = c
+      w = hi - lo                                        # >= 2
+      half = w >> 1
+      if cfg.interpolate:
+        # Aim where a straight line through (lo, c_lo) and (hi, c_hi) crosses k.
+        frac = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
+        d = jnp.floor(frac * w.astype(jnp.float32))
+        d = jnp.clip(d, 1.0, w.astype(jnp.float32)).astype(_U32)
+        d = jnp.clip(d, _U32(1), w - _U32(1))
+        d = jnp.where(bisect, half, d)
+      else:
+        d = half
+      p = lo + d
+      c = count_ge(p)
+      up = c >= k
+      new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
+      # A probe that did not halve the bracket is followed by a bisection (and a bisection
+      # by a probe), so the search never takes more than ~64 passes.
+      slow = (new_hi - new_lo - _U32(1)) > half
+      return (new_lo, new_hi, jnp.where(up, c, c_lo), jnp.where(up, c_hi, c),
+              slow & jnp.logical_not(bisect))
+
+    lo, hi, c_lo, c_hi, _ = lax.while_loop(
+        cond, body, (lo, hi, n_valid, jnp.int32(0), jnp.bool_(False)))
+
+    # Either exactly k keys are >= lo, or lo is the k-th largest key itself (hi == lo + 1):
+    # then the c_hi keys above it go first and ties at lo fill the rest, lowest index first.
+    exact = c_lo == k
+    g = jnp.where(exact, lo, hi)
+    c_g = jnp.where(exact, k, c_hi)
+
+    def write(acc, key, idx):
+      off_sure, off_tie = acc
+      sure = key >= g
+      tie = (key == lo) & jnp.logical_not(exact)
+      cs = jnp.cumsum(sure.astype(_I32) + (tie.astype(_I32) << 16))
+      p_sure = off_sure + (cs & 0xFFFF) - 1
+      p_tie = c_g + off_tie + (cs >> 16) - 1
+      pos = jnp.where(sure, p_sure, p_tie)
+      m = sure | (tie & (p_tie < k))
+      # Masked lanes point past the row: a GPU store skips them, and interpret mode, which
+      # scatters every lane, drops out-of-bounds updates instead of clobbering a slot.
+      plt.store(o_ref.at[row, jnp.where(m, pos, k)], idx, mask=m)
+      total = jnp.max(cs)
+      return off_sure + (total & 0xFFFF), off_tie + (total >> 16)
+
+    fold(write, (jnp.int32(0), jnp.int32(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "config"))
+def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
+                 config: TopKConfig | None = None) -> jax.Array:
+  """Per row, the indices of the k largest logits among keys in [ks, ke).
+
+  Semantics are those of ``nsa_jax.reference.topk_indices`` (NaN ranks as -inf, every valid
+  key above every invalid one, -1 fill, rows with <= k valid keys returned whole without
+  reading values) except the order within a row: ascending index, except that when the k-th
+  largest key ties with the (k+1)-th, keys above it come first and the lowest-index ties
+  follow (the tie rule: lowest index wins, as in the reference).
+
+  Args:
+    logits: float32 [T, S].
+    ks, ke: int32 [T]; clamped to [0, S] (a row with ke <= ks has no valid key).
+    k: static count, may exceed S.
+    interpret: run in Pallas interpret mode (CPU).
+    config: static :class:`TopKConfig`; None picks ``TopKConfig.default(S, k)``.
+
+  Returns:
+    int32 [T, k].
+  """
+  T, S = logits.shape
+  why = unsupported_reason(S, k)
+  if why:
+    raise ValueError(f"topk kernel: {why}")
+  cfg = config or TopKConfig.default(S, k)
+  kernel = functools.partial(_topk_kernel, num_keys=S, k=k, cfg=cfg)
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((T, k), jnp.int32),
+      grid=(T,),
+      in_specs=[pl.no_block_spec] * 3,
+      out_specs=pl.no_block_spec,
+      compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+      interpret=interpret,
+      name="nsa_topk",
+  )(ks.astype(_I32), ke.astype(_I32), logits.astype(jnp.float32))

@@ -1,27 +1,37 @@
-"""Top-k selection: reference / xla backend against numpy sets (ties allowed at threshold)."""
+"""Top-k selection: the xla backend and the Pallas kernel (interpret mode, CUDA lowering, GPU).
 
+Results are checked as sets against float64 numpy (``assert_valid_topk``: any choice among
+ties at the threshold passes); the kernel's own order and tie rule (ascending index above the
+threshold, then the lowest-index ties) are checked exactly where values make them unique.
+"""
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import nsa_jax
+from kernels_pallas import topk as topk_kernel
 from tests.helpers import assert_valid_topk
+
+CASES = ["distinct", "ties", "all_neg_inf", "few_valid", "k_gt_S", "nan", "out_of_range",
+         "empty_rows", "inf_and_nan"]
 
 
 def _rows(rng, T, S):
   ks = rng.integers(0, S, T).astype(np.int32)
   ke = np.minimum(ks + rng.integers(0, S + 1, T), S).astype(np.int32)
+  ks[0], ke[0] = 0, S  # at least one full row
   return ks, ke
 
 
-@pytest.mark.parametrize("case", ["distinct", "ties", "all_neg_inf", "few_valid", "k_gt_S", "nan"])
-def test_topk_xla(case):
-  rng = np.random.default_rng(hash(case) % 2**32)
-  T, S, k = 9, 300, 64
+def _case(case, T=9, S=300, k=64):
+  """(logits, ks, ke, k, ks/ke clamped as the oracle sees them) for a named edge case."""
+  rng = np.random.default_rng(sum(map(ord, case)))
   x = rng.standard_normal((T, S)).astype(np.float32)
   ks, ke = _rows(rng, T, S)
   if case == "ties":
-    x = np.round(x * 2) / 2
+    x = np.round(x * 2) / 2  # ~13 distinct values: many ties at every threshold
   elif case == "all_neg_inf":
     x[:] = -np.inf
   elif case == "few_valid":
@@ -30,9 +40,32 @@ def test_topk_xla(case):
     k = 512
   elif case == "nan":
     x[rng.random(x.shape) < 0.1] = np.nan
-  out = nsa_jax.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k, backend="xla")
-  assert out.shape == (T, k) and out.dtype == jnp.int32
-  assert_valid_topk(out, x, ks, ke, k)
+  elif case == "out_of_range":
+    ks, ke = ks - 50, ke + 100  # the kernel clamps to [0, S); nothing out of bounds is read
+  elif case == "empty_rows":
+    ke = ks.copy()
+    ke[1], ks[2] = 0, S + 7  # also ke < ks and ks > S
+  elif case == "inf_and_nan":
+    x[:, ::3] = np.inf
+    x[:, 1::3] = np.nan
+    x[:, 2::7] = -np.inf
+  lo = np.clip(ks, 0, S)
+  hi = np.clip(ke, lo, S)
+  return x, ks.astype(np.int32), ke.astype(np.int32), k, lo, hi
+
+
+def _run(x, ks, ke, k, **kw):
+  return nsa_jax.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k, **kw)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_topk_xla(case):
+  x, ks, ke, k, lo, hi = _case(case)
+  if case in ("out_of_range", "empty_rows"):
+    ks, ke = lo, hi  # the xla backend masks rather than clamps; same valid set when in range
+  out = _run(x, ks, ke, k, backend="xla")
+  assert out.shape == (x.shape[0], k) and out.dtype == jnp.int32
+  assert_valid_topk(out, x, lo, hi, k)
 
 
 def test_topk_distinct_equals_lax_sort_order():
@@ -40,6 +73,158 @@ def test_topk_distinct_equals_lax_sort_order():
   x = rng.standard_normal((4, 100)).astype(np.float32)
   ks = np.zeros(4, np.int32)
   ke = np.full(4, 100, np.int32)
-  out = np.asarray(nsa_jax.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=10,
-                                        backend="xla"))
+  out = np.asarray(_run(x, ks, ke, 10, backend="xla"))
   np.testing.assert_array_equal(out, np.argsort(-x, axis=1)[:, :10])
+
+
+# --------------------------------------------------------------------------- Pallas, interpret
+
+@pytest.mark.parametrize("case", CASES)
+def test_topk_pallas_interpret(case):
+  x, ks, ke, k, lo, hi = _case(case)
+  out = _run(x, ks, ke, k, backend="pallas", interpret=True)
+  assert out.shape == (x.shape[0], k) and out.dtype == jnp.int32
+  assert_valid_topk(out, x, lo, hi, k)
+
+
+def _expected_order(x, lo, hi, k):
+  """The kernel's documented order: ascending index when the k-th and (k+1)-th largest values
+  differ (or there are <= k valid keys); else ascending index above the k-th largest value,
+  then the lowest-index ties at it, ascending."""
+  out = np.full((x.shape[0], k), -1, np.int32)
+  for i in range(x.shape[0]):
+    idx = np.arange(lo[i], hi[i])
+    v = np.where(np.isnan(x[i, idx]), -np.inf, x[i, idx]).astype(np.float64)
+    if len(idx) <= k:
+      out[i, :len(idx)] = idx
+      continue
+    desc = np.sort(v)[::-1]
+    thr = desc[k - 1]
+    if desc[k] < thr:
+      row = idx[v >= thr]
+    else:
+      row = np.concatenate([idx[v > thr], idx[v == thr]])[:k]
+    out[i] = row
+  return out
+
+
+@pytest.mark.parametrize("case", ["distinct", "ties", "all_neg_inf", "few_valid", "inf_and_nan"])
+def test_topk_pallas_order_and_tie_rule(case):
+  x, ks, ke, k, lo, hi = _case(case)
+  out = np.asarray(_run(x, ks, ke, k, backend="pallas", interpret=True))
+  np.testing.assert_array_equal(out, _expected_order(x, lo, hi, k))
+
+
+@pytest.mark.parametrize("config", [
+    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4),     # several register tiles
+    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4),    # streaming row
+    topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
+                           out_chunk=32),                             # bisection only
+], ids=["resident_tiles", "streaming", "bisection"])
+@pytest.mark.parametrize("case", ["distinct", "ties"])
+def test_topk_pallas_configs(config, case):
+  x, ks, ke, k, lo, hi = _case(case, T=6, S=1000, k=100)
+  out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
+                                 interpret=True, config=config)
+  np.testing.assert_array_equal(np.asarray(out), _expected_order(x, lo, hi, k))
+
+
+def test_topk_pallas_adversarial_values():
+  """Values spread over every exponent (and a cluster of near-equal ones at the threshold)
+  defeat interpolation; the bisection safeguard must still find the exact threshold."""
+  rng = np.random.default_rng(3)
+  T, S, k = 3, 512, 40
+  x = (rng.choice([-1, 1], (T, S)) * 2.0 ** rng.uniform(-120, 120, (T, S))).astype(np.float32)
+  x[1, :100] = np.nextafter(np.float32(1.0), np.float32(2.0)) * (1 + np.arange(100) * 1e-7)
+  x[2] = np.float32(1e-38) * np.arange(S)  # subnormals and zero
+  ks = np.zeros(T, np.int32)
+  ke = np.full(T, S, np.int32)
+  out = np.asarray(_run(x, ks, ke, k, backend="pallas", interpret=True))
+  np.testing.assert_array_equal(out, _expected_order(x, ks, ke, k))
+
+
+def test_topk_pallas_few_valid_ignores_values():
+  """Rows with <= k valid keys return them all, whatever the logits (even NaN)."""
+  x = np.full((2, 64), np.nan, np.float32)
+  out = np.asarray(_run(x, np.array([3, 0], np.int32), np.array([10, 64], np.int32), 64,
+                        backend="pallas", interpret=True))
+  np.testing.assert_array_equal(out[0], np.r_[np.arange(3, 10), np.full(57, -1)])
+  np.testing.assert_array_equal(out[1], np.arange(64))
+
+
+def test_topk_pallas_unsupported_reason():
+  assert topk_kernel.unsupported_reason(32768, 2048) is None
+  assert topk_kernel.unsupported_reason(262144, 2048) is None
+  assert topk_kernel.unsupported_reason(0, 2048) is not None
+
+
+# --------------------------------------------------------------------------- CUDA lowering
+
+def _h100_mesh():
+  """An abstract H100, so that Pallas-Triton (which asks for the GPU's compute capability)
+  lowers to CUDA on a CPU-only machine."""
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                    platform="gpu")
+  return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=dev)
+
+
+@pytest.mark.parametrize("T,S", [(4096, 32768), (64, 131072), (8, 262144), (8192, 8192),
+                                 (8192, 65536), (3, 1000)])
+def test_topk_pallas_lowers_for_cuda(T, S):
+  """Runs the whole Pallas -> Triton IR lowering for CUDA at production shapes (no GPU
+  needed; Triton's own compile to PTX happens in XLA on the GPU and is not covered)."""
+  x = jax.ShapeDtypeStruct((T, S), jnp.float32)
+  i = jax.ShapeDtypeStruct((T,), jnp.int32)
+  f = jax.jit(lambda a, b, c: topk_kernel.topk_indices(a, b, c, k=2048))
+  with jax.sharding.use_abstract_mesh(_h100_mesh()):
+    text = f.trace(x, i, i).lower(lowering_platforms=("cuda",)).as_text()
+  assert "__gpu$xla.gpu.triton" in text
+
+
+# --------------------------------------------------------------------------- GPU, full size
+
+def _gpu_case(T, S, seed=0, ragged=False):
+  key = jax.random.key(seed)
+  x = jax.random.normal(key, (T, S), jnp.float32)
+  if ragged:
+    ks = jax.random.randint(jax.random.fold_in(key, 1), (T,), 0, S // 2, jnp.int32)
+    ke = jnp.minimum(ks + jax.random.randint(jax.random.fold_in(key, 2), (T,), 0, S, jnp.int32), S)
+  else:
+    ks = jnp.zeros((T,), jnp.int32)
+    ke = jnp.full((T,), S, jnp.int32)
+  return x, ks, ke
+
+
+def _assert_same_sets(a, b):
+  a, b = np.sort(np.asarray(a), axis=1), np.sort(np.asarray(b), axis=1)
+  bad = np.nonzero((a != b).any(axis=1))[0]
+  assert bad.size == 0, f"{bad.size} rows differ, first {bad[:5].tolist()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,S", [(4096, 32768), (64, 131072), (2, 262144), (512, 8192),
+                                 (256, 65536)])
+def test_topk_pallas_gpu_matches_lax_top_k(T, S):
+  x, ks, ke = _gpu_case(T, S)
+  out = _run(x, ks, ke, 2048, backend="pallas")
+  _, ref = jax.lax.top_k(x, 2048)   # random normals: distinct values, so sets are unique
+  _assert_same_sets(out, ref)
+
+
+@pytest.mark.gpu
+def test_topk_pallas_gpu_ragged_and_ties():
+  x, ks, ke = _gpu_case(256, 32768, seed=1, ragged=True)
+  x = jnp.round(x * 4) / 4   # heavy ties
+  out = _run(x, ks, ke, 2048, backend="pallas")
+  xn, ksn, ken = np.asarray(x), np.asarray(ks), np.asarray(ke)
+  rows = np.arange(0, 256, 16)
+  assert_valid_topk(np.asarray(out)[rows], xn[rows], ksn[rows], ken[rows], 2048)
+  np.testing.assert_array_equal(np.asarray(out)[rows],
+                                _expected_order(xn[rows], ksn[rows], ken[rows], 2048))
+
+
+@pytest.mark.gpu
+def test_topk_pallas_gpu_matches_xla_backend_sets():
+  x, ks, ke = _gpu_case(512, 40000, seed=2, ragged=True)   # streaming, ragged rows
+  _assert_same_sets(_run(x, ks, ke, 2048, backend="pallas"), _run(x, ks, ke, 2048, backend="xla"))
