@@ -140,7 +140,8 @@ def prefill_topk(q_fp8, k_fp8, k_scale, weights, ks, ke, *, k: int = 2048,
   Returns:
     int32 [T, k]: key indices in [ks, ke), -1 past the number of valid keys; order as
     ``topk_indices`` with this backend (xla: descending logit, ties to the lower index).
-    With a mesh, sharded over the mesh axis along T.
+    With a mesh, sharded over the mesh axis along T when T is a multiple of the mesh size
+    (bucketed sizes are); otherwise XLA returns it replicated.
   """
   fn = "prefill_topk"
   T, _, _, S = ops._check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)

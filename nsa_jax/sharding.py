@@ -119,7 +119,8 @@ def sharded_prefill_topk(q_fp8, k_fp8, k_scale, weights, ks, ke, *, mesh, split:
   (None: detect) for the budget lookup.
 
   Returns:
-    int32 [T, k], sharded along T over the mesh axis.
+    int32 [T, k], sharded along T over the mesh axis (replicated when T is not a multiple of
+    the mesh size: jax arrays cannot be sharded unevenly).
   """
   fn = "prefill_topk"
   mesh_axis(mesh, fn)
