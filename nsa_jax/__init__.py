@@ -16,10 +16,11 @@ from nsa_jax.batch import RaggedBatch, build_ragged_batch
 from nsa_jax.planner import ChunkPlan, plan_chunks
 from nsa_jax.prefill import prefill_topk
 from nsa_jax.sharding import make_mesh, prime_mesh
+from nsa_jax.topk_slots import paged_topk_slots
 
 __version__ = "0.1.0"
 
 __all__ = ["IndexKCache", "RopeConfig", "act_quant", "apply_rope", "checking", "dequant",
            "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices",
            "budget", "ChunkPlan", "RaggedBatch", "build_ragged_batch", "make_mesh",
-           "plan_chunks", "prefill_topk", "prime_mesh"]
+           "plan_chunks", "prefill_topk", "prime_mesh", "paged_topk_slots"]
