@@ -40,15 +40,31 @@ _WGMMA_N = 128  # block_q * H: the query rows one wgmma takes as its N side
 
 @dataclasses.dataclass(frozen=True)
 class MqaLogitsConfig:
-  """Tile sizes of the kernel. ``block_q * H`` must be 128 (the wgmma N side)."""
+  """Tile sizes and schedule of the kernel.
+
+  Attributes:
+    block_q: query tokens per CTA; ``block_q * H`` (the wgmma N side) must be 128 or 256.
+    block_kv: keys per wgmma (the M side), 64 or 128; ``block_kv * block_q * H`` <= 128 * 128
+      keeps the f32 accumulator at <= 128 registers per thread.
+    num_stages: depth of the TMA ring of key tiles.
+    heavy_first: launch query blocks in reverse order: in a causal prefill the last queries
+      see the most keys, and starting them first shortens the tail of the last wave.
+  """
 
   block_q: int
   block_kv: int = 128
   num_stages: int = 4
+  heavy_first: bool = True
 
   @classmethod
   def for_heads(cls, num_heads: int) -> "MqaLogitsConfig":
     return cls(block_q=_WGMMA_N // num_heads)
+
+  def check(self, num_heads: int) -> None:
+    nq = self.block_q * num_heads
+    if nq not in (128, 256) or self.block_kv not in (64, 128) or self.block_kv * nq > 128 * 128:
+      raise ValueError(f"mqa_logits kernel: unsupported config {self} for H={num_heads}: need "
+                       "block_q * H in (128, 256), block_kv in (64, 128), product <= 16384")
 
 
 def unsupported_reason(num_heads: int, head_dim: int) -> str | None:
@@ -77,6 +93,8 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
   def kernel(q_ref, k_ref, ksc_ref, w_ref, ks_ref, ke_ref, lo_ref, hi_ref, out_ref,
              q_smem, w_smem, k_smem, ksc_smem, o_smem, q_bar, kv_bar, free_bar):
     qb = lax.axis_index("q")
+    if cfg.heavy_first:
+      qb = num_q_blocks - 1 - qb
     wg = lax.axis_index("wg")
     t0 = qb * BQ
     lo = lo_ref[qb]
@@ -103,8 +121,7 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
       if clean:
         # -inf for the tiles outside [lo, hi): one constant tile, many TMA stores.
         ninf = o_smem.at[2]
-        for j in range(BQ):
-          ninf[j, :] = jnp.full((BKV,), -jnp.inf, f32)
+        ninf[...] = jnp.full((BQ, BKV), -jnp.inf, f32)
         plgpu.commit_smem()
 
         def fill(b):
@@ -194,8 +211,7 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   T, H, D = q_fp8.shape
   S = k_fp8.shape[0]
   cfg = config or MqaLogitsConfig.for_heads(H)
-  if cfg.block_q * H != _WGMMA_N:
-    raise ValueError(f"mqa_logits kernel: block_q * H must be {_WGMMA_N}, got {cfg}")
+  cfg.check(H)
   BQ, BKV = cfg.block_q, cfg.block_kv
   T_pad = pl.cdiv(T, BQ) * BQ
   # Clamp (bad values never index out of bounds) and pad to whole query blocks (empty rows).
