@@ -50,6 +50,9 @@ def chunked_topk(q_fp8, k_fp8, k_scale, weights, ks, ke, *, plan: planner.ChunkP
   Returns:
     int32 [T, k] indices (and int32 [T, k] keys when ``with_keys``).
   """
+  if (plan.num_q, plan.num_k) != (q_fp8.shape[0], k_fp8.shape[0]):
+    raise ValueError(f"chunked_topk: plan must be made for T={q_fp8.shape[0]} queries and "
+                     f"S={k_fp8.shape[0]} keys, got a plan for {plan.num_q} x {plan.num_k}")
   one = functools.partial(_chunk_topk, k_fp8=k_fp8, k_scale=k_scale, k=k, backend=backend,
                           interpret=interpret, with_keys=with_keys)
   if not plan.chunked:
