@@ -27,7 +27,9 @@ class ChunkPlan:
     num_q, num_k: the problem (ints >= 1).
     rows: query rows per chunk (a power of two, or num_q when unchunked).
     num_chunks: number of chunks (>= 1).
-    padded_q: rows * num_chunks >= num_q; rows past num_q are padding.
+    padded_q: rows * num_chunks >= num_q, the rows computed in all. ``prefill_topk`` does not
+      pad q to it: it shifts the last chunk back to end at num_q, so the padded_q - num_q
+      extra rows are recomputed real rows rather than a padded copy of q.
     budget_bytes: the budget the plan was made for; informational, not part of equality or
       the hash, so two budgets that give the same chunks share one compiled program.
   """
