@@ -185,8 +185,9 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
   Returns:
     int32 [T, k]: absolute key indices in [ks, ke); -1 fills the slots past the number of
     valid keys. Every valid key ranks above every invalid one (a row with <= k valid keys
-    returns all of them); NaN ranks as -inf. Order within the k is backend-defined (xla:
-    descending, ties to the lower index).
+    returns all of them); NaN ranks as -inf. On ties at the threshold the lowest key indices
+    win on both backends. Order within the k: xla, descending by value; pallas, ascending
+    key index (keys strictly above a threshold tie first).
   """
   fn = "topk_indices"
   expect("logits", logits, (None, None), _F32, fn)
