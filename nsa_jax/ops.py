@@ -1,7 +1,7 @@
 """Public indexer ops: validation, then the Pallas kernels or the ``xla`` (reference) backend.
 
 Every op takes ``backend="auto" | "pallas" | "xla"`` and ``interpret``:
-- ``"auto"`` runs the Pallas kernel on a GPU when it supports the shapes, else ``xla``;
+- ``"auto"`` runs the Pallas kernel on a Hopper GPU when it supports the shapes, else ``xla``;
 - ``"pallas"`` always runs the kernel (a ``ValueError`` if it cannot take these shapes);
 - ``"xla"`` runs the jitted, memory-bounded reference (the CPU path and the baseline);
 - ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests).
@@ -25,8 +25,14 @@ _I32 = jnp.int32
 _F32 = jnp.float32
 
 
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+@functools.lru_cache(maxsize=None)
+def _on_hopper() -> bool:
+  """True when the default device is a Hopper GPU (compute capability 9.x): the kernels use
+  wgmma and TMA, which older GPUs lack and Blackwell replaced (tcgen05)."""
+  if jax.default_backend() != "gpu":
+    return False
+  cc = str(getattr(jax.devices()[0], "compute_capability", ""))
+  return cc.split(".")[0] == "9"
 
 
 def resolve_backend(backend: str, interpret: bool, supported, fn: str) -> str:
@@ -40,7 +46,7 @@ def resolve_backend(backend: str, interpret: bool, supported, fn: str) -> str:
     if why:
       raise ValueError(f"{fn}: the Pallas kernel does not support this input: {why}")
     return "pallas"
-  return "pallas" if _on_gpu() and not why else "xla"
+  return "pallas" if _on_hopper() and not why else "xla"
 
 
 # --------------------------------------------------------------------------- ragged prefill
