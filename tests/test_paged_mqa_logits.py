@@ -1,5 +1,8 @@
-"""Paged-decode MQA logits: reference and xla backend against a float64 numpy oracle."""
+"""Paged-decode MQA logits: reference, xla backend and the Pallas kernel (interpret mode, CUDA
+cross-lowering, and ``-m gpu`` cases) against a float64 numpy oracle or the reference."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,20 +17,43 @@ def _call(p, backend, **kw):
                                   backend=backend, **kw)
 
 
+def _reference(p, clean_logits=True):
+  return reference.paged_mqa_logits(p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale,
+                                    p["weights"], p["context_lens"], p["block_tables"],
+                                    max_context_len=p["max_context_len"],
+                                    clean_logits=clean_logits)
+
+
+def _interpret(races=False):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  # Uninitialized memory (outputs included) reads as NaN: an element the kernel forgot to
+  # write stays NaN and fails the -inf pattern check.
+  return plgpu.InterpretGPUParams(detect_races=races, uninitialized_memory="nan")
+
+
+def _kernel(p, config=None, clean_logits=True, races=False):
+  from kernels_pallas import paged_mqa_logits as kernel
+  return kernel.paged_mqa_logits(p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale,
+                                 p["weights"], p["context_lens"], p["block_tables"],
+                                 max_context_len=p["max_context_len"],
+                                 clean_logits=clean_logits, interpret=_interpret(races),
+                                 config=config)
+
+
 @pytest.mark.parametrize("next_n", [1, 2])
-@pytest.mark.parametrize("backend", ["reference", "xla"])
+@pytest.mark.parametrize("backend", ["reference", "xla", "interpret"])
 def test_paged_matches_float64(next_n, backend):
   rng = np.random.default_rng(10 + next_n)
-  # a context shorter than next_n, exactly one page, an empty row, odd lengths.
+  # a context shorter than next_n, exactly one page, an empty row, odd lengths; shuffled pages.
   p = paged_problem(rng, [1, 64, 0, 150, 333], next_n=next_n, H=32)
   if backend == "reference":
-    out = reference.paged_mqa_logits(p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale,
-                                     p["weights"], p["context_lens"], p["block_tables"],
-                                     max_context_len=p["max_context_len"])
-  else:
+    out = _reference(p)
+  elif backend == "xla":
     out = _call(p, "xla")
+  else:
+    out = _call(p, "pallas", interpret=True)
   ref = paged_mqa_logits_np(p)
-  assert out.shape == ref.shape
+  assert out.shape == ref.shape and out.dtype == jnp.float32
   assert_same_inf_pattern(out, ref)
   assert calc_diff(out, ref) < 5e-6
   # The empty request (row 2) is all -inf.
@@ -43,3 +69,155 @@ def test_paged_bad_pages_are_masked():
   out = np.asarray(_call(p, "xla"))
   assert np.isfinite(out[0, :64]).all() and np.isneginf(out[0, 64:128]).all()
   assert np.isfinite(out[0, 128:130]).all()
+
+
+# --------------------------------------------------------------------------- Pallas kernel
+
+@pytest.mark.parametrize("pages_per_split,num_stages", [(1, 1), (2, 3), (8, 2)])
+def test_kernel_splits_stages_and_poison(pages_per_split, num_stages):
+  """Every split/stage shape writes every output element (NaN-poisoned outputs), including
+  the -inf tail past each context and a width that is neither a page nor 4-float multiple."""
+  from kernels_pallas import paged_mqa_logits as kernel
+  rng = np.random.default_rng(pages_per_split)
+  p = paged_problem(rng, [200, 5, 64, 0, 321], next_n=2, H=16, max_context_len=455)
+  cfg = kernel.PagedConfig(pages_per_split=pages_per_split, num_stages=num_stages)
+  out = np.asarray(_kernel(p, cfg, races=pages_per_split == 2))
+  assert out.shape == (10, 455)
+  assert not np.isnan(out).any(), "unwritten output elements"
+  ref = paged_mqa_logits_np(p)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+  if pages_per_split == 2:
+    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+    assert not get_races().races_found
+
+
+def test_kernel_bad_values_match_reference():
+  """Out-of-range page ids, a context past the table's width and past max_context_len, and
+  garbage in table entries past the last page: same -inf pattern and values as the reference,
+  and (interpret mode raises on out-of-bounds reads) nothing read out of bounds."""
+  from kernels_pallas import paged_mqa_logits as kernel
+  rng = np.random.default_rng(5)
+  p = paged_problem(rng, [130, 100, 190, 60], next_n=2, H=32, max_context_len=192)
+  tables = np.asarray(p["block_tables"]).copy()
+  tables[0, 1] = 10_000        # past the cache
+  tables[1, 0] = -7            # negative
+  tables[3, 1:] = 2 ** 31 - 1  # past the request's last page: never read, no effect
+  p["block_tables"] = jnp.asarray(tables[:, :2])  # width 2: request 2's third page is missing
+  p["context_lens"] = jnp.asarray([130, 100, 190, 60], jnp.int32)
+  out = np.asarray(_kernel(p, kernel.PagedConfig(pages_per_split=1, num_stages=2)))
+  ref = np.asarray(_reference(p))
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+  rows = out.reshape(4, 2, -1)
+  assert np.isneginf(rows[0, :, 64:128]).all() and np.isneginf(rows[1, :, :64]).all()
+  assert np.isneginf(rows[2, :, 128:]).all()
+  # A context longer than max_context_len only fills the output's width.
+  p["context_lens"] = jnp.asarray([130, 100, 900, 60], jnp.int32)
+  p["block_tables"] = jnp.asarray(np.concatenate([tables[:, :2], tables[:, :2]], 1))
+  assert_same_inf_pattern(_kernel(p), _reference(p))
+
+
+def test_kernel_unclean_logits_keep_valid_values():
+  rng = np.random.default_rng(6)
+  p = paged_problem(rng, [70, 3], next_n=2, H=64, max_context_len=200)
+  out = np.asarray(_kernel(p, clean_logits=False))
+  ref = paged_mqa_logits_np(p)
+  valid = ~np.isneginf(ref)
+  assert calc_diff(np.where(valid, out, 0.0), np.where(valid, ref, 0.0)) < 5e-6
+
+
+def test_unsupported_shapes():
+  from kernels_pallas import paged_mqa_logits as kernel
+  assert kernel.unsupported_reason(1, 64, 128) is None
+  assert kernel.unsupported_reason(2, 64, 128) is None
+  assert kernel.unsupported_reason(2, 32, 128) is None
+  assert "next_n" in kernel.unsupported_reason(3, 64, 128)
+  assert "D" in kernel.unsupported_reason(1, 64, 64)
+  assert "H" in kernel.unsupported_reason(2, 128, 128)
+  assert "H" in kernel.unsupported_reason(1, 24, 128)
+  rng = np.random.default_rng(0)
+  p = paged_problem(rng, [10], next_n=1, H=24)
+  with pytest.raises(ValueError, match="does not support"):
+    _call(p, "pallas", interpret=True)
+
+
+def test_default_config_fills_the_gpu():
+  from kernels_pallas import paged_mqa_logits as kernel
+  for B, L in [(1, 4096), (1, 65536), (64, 4096), (64, 65536), (128, 85_000)]:
+    cfg = kernel.default_config(B, L)
+    assert 4 <= cfg.pages_per_split <= 64
+    ctas = B * -(-(-(-L // 64)) // cfg.pages_per_split)
+    assert ctas >= min(8 * 132, B * -(-L // 64) // 4), (B, L, cfg, ctas)
+
+
+@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("clean_logits", [True, False])
+def test_kernel_cross_lowers_to_cuda(next_n, clean_logits):
+  """The production shapes (B=64, H=64, D=128, 64K context) go through the whole Mosaic GPU
+  lowering (layout inference, fp8 wgmma operand checks, TMA descriptors) on a CPU-only box."""
+  from kernels_pallas import paged_mqa_logits as kernel
+  B, H, D, L, P, W = 64, 64, 128, 65536, 70_000, 1100
+  f8, f32, i32 = jnp.float8_e4m3fn, jnp.float32, jnp.int32
+  args = (jax.ShapeDtypeStruct((B, next_n, H, D), f8), jax.ShapeDtypeStruct((P, 64, D), f8),
+          jax.ShapeDtypeStruct((P, 64), f32), jax.ShapeDtypeStruct((B * next_n, H), f32),
+          jax.ShapeDtypeStruct((B,), i32), jax.ShapeDtypeStruct((B, W), i32))
+  f = lambda *a: kernel.paged_mqa_logits(*a, max_context_len=L, clean_logits=clean_logits)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+# --------------------------------------------------------------------------- GPU
+
+def _device_problem(key, context_lens, next_n, H=64, D=128, max_context_len=None):
+  """A shuffled paged cache built on the device (host RNG is too slow for 10M tokens)."""
+  from nsa_jax.cache import IndexKCache
+  ctx = np.asarray(context_lens, np.int32)
+  B = len(ctx)
+  L = max_context_len or int(ctx.max())
+  pages_per = -(-ctx // 64)
+  max_pages = max(int(pages_per.max()), -(-L // 64))
+  P = int(pages_per.sum()) + 7
+  perm = np.random.default_rng(int(ctx.sum())).permutation(P).astype(np.int32)
+  tables = np.full((B, max_pages), -1, np.int32)
+  starts = np.concatenate([[0], np.cumsum(pages_per)])
+  for b in range(B):
+    tables[b, :pages_per[b]] = perm[starts[b]:starts[b + 1]]
+  kq, kk, ks, kw = jax.random.split(key, 4)
+  k8 = jax.random.normal(kk, (P, 64, D), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+  scale = jax.random.uniform(ks, (P, 64), jnp.float32, 0.5, 2.0)
+  q8 = jax.random.normal(kq, (B, next_n, H, D), jnp.bfloat16).astype(jnp.float8_e4m3fn)
+  w = jax.random.normal(kw, (B * next_n, H), jnp.float32) * (H * D) ** -0.5
+  return dict(q_fp8=q8, cache=IndexKCache(k8, scale), weights=w,
+              context_lens=jnp.asarray(ctx), block_tables=jnp.asarray(tables),
+              max_context_len=L)
+
+
+def _spread_lens(rng, B, avg):
+  return np.maximum(1, (avg * rng.uniform(0.7, 1.3, B)).astype(np.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("avg", [4096, 16384, 65536])
+@pytest.mark.parametrize("B", [1, 64, 128])
+def test_gpu_matches_reference(B, avg, next_n):
+  rng = np.random.default_rng(B * 7 + avg + next_n)
+  p = _device_problem(jax.random.key(B + next_n), _spread_lens(rng, B, avg), next_n)
+  out = jax.block_until_ready(_call(p, "pallas"))
+  ref = jax.jit(_reference)(p)
+  out_h, ref_h = np.asarray(out), np.asarray(ref)
+  assert_same_inf_pattern(out_h, ref_h)
+  assert calc_diff(out_h, ref_h) < 5e-6
+  again = np.asarray(_call(p, "pallas"))
+  np.testing.assert_array_equal(again.view(np.uint32), out_h.view(np.uint32))  # deterministic
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_pallas_and_handles_edge_rows():
+  rng = np.random.default_rng(1)
+  p = paged_problem(rng, [1, 64, 0, 150, 333, 4097], next_n=2, H=64, max_context_len=5001)
+  out = _call(p, "auto")
+  ref = paged_mqa_logits_np(p)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
