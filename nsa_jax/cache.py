@@ -98,3 +98,28 @@ class IndexKCache:
     sb = data[:, page_size * head_dim:].reshape(P, page_size, 4)
     return cls(jax.lax.bitcast_convert_type(kb, FP8_DTYPE),
                jax.lax.bitcast_convert_type(sb, jnp.float32))
+
+
+def token_slots(block_tables: jax.Array, requests: jax.Array, positions: jax.Array,
+                page_size: int = PAGE_SIZE) -> jax.Array:
+  """Cache slots of tokens given by (request, position), jit-friendly (device-side).
+
+  Args:
+    block_tables: int32 [B, max_pages]; request b's token p lives in page
+      ``block_tables[b, p // page_size]`` at offset ``p % page_size``.
+    requests: int32 [N], the request of each token.
+    positions: int32 [N], the token's position within its request.
+
+  Returns:
+    int32 [N] slots for :meth:`IndexKCache.write`; -1 (skipped by ``write``) for a request
+    outside [0, B), a negative position, a position past the table's width, or a negative
+    page id. A decode step's new tokens are ``positions = context_lens - next_n + t``.
+  """
+  B, max_pages = block_tables.shape
+  requests = requests.astype(jnp.int32)
+  positions = positions.astype(jnp.int32)
+  col = positions // page_size
+  ok = (requests >= 0) & (requests < B) & (positions >= 0) & (col < max_pages)
+  page = block_tables[jnp.clip(requests, 0, B - 1), jnp.clip(col, 0, max_pages - 1)]
+  ok &= page >= 0
+  return jnp.where(ok, page * page_size + positions % page_size, -1).astype(jnp.int32)
