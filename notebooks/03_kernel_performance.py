@@ -1,0 +1,359 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Kernel performance on the H100
+#
+# The benchmark scripts in `benchmarks/` time the Pallas kernels against the `xla` backend on a
+# GPU and write `benchmarks/results/<name>.json`. This notebook plots the committed results
+# (they were measured on an H100; nothing here needs a GPU) and, when a GPU is present, re-runs
+# a small benchmark live.
+#
+# How to read the numbers:
+#
+# - **Useful TFLOP/s** (logits kernels) counts only the valid `(query, key)` pairs of the causal
+#   mask: `2 * pairs * H * D / time`. Work spent on masked pairs does not count.
+# - **Ceilings are measured, not datasheet**: the fp8 ceiling is an 8192³ fp8 matmul through
+#   XLA on the same card (each `mqa_logits` run measures it again and stores it as
+#   `fp8_ceiling_tflops`; the project's anchor from another day is 1518 TFLOP/s); the memory
+#   ceiling is a device-to-device copy, 2.94 TB/s.
+# - **GB/s** (top-k) counts the logits read once, `rows * keys * 4` bytes, over the kernel time;
+#   the *floor* is that read at the copy rate.
+#
+# The tables with dates, cards and the story behind each miss are in `BENCHMARKS.md` and
+# `benchmarks/NOTES.md`.
+
+# %%
+# %matplotlib inline
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = next(p for p in [pathlib.Path.cwd().resolve(), *pathlib.Path.cwd().resolve().parents]
+            if (p / "pyproject.toml").exists() and (p / "benchmarks").is_dir())
+sys.path.insert(0, str(ROOT))   # `benchmarks` is not an installed package
+
+import jax
+import matplotlib.pyplot as plt
+import numpy as np
+
+from benchmarks import common
+
+# NSA_JAX_RESULTS_DIR: plot another folder of results (e.g. a GPU CI run's --out folder).
+RESULTS = pathlib.Path(os.environ.get("NSA_JAX_RESULTS_DIR", ROOT / "benchmarks" / "results"))
+FP8_ANCHOR = common.FP8_CEILING_TFLOPS          # TFLOP/s
+COPY_CEILING_GBS = common.COPY_CEILING_TBS * 1e3  # GB/s
+
+
+def load_results(folder):
+  out = {}
+  for path in sorted(pathlib.Path(folder).glob("*.json")):
+    try:
+      with open(path) as f:
+        out[path.stem] = json.load(f)
+    except (OSError, ValueError) as e:
+      print(f"skipping {path.name}: {e}")
+  return out
+
+
+def show_table(rows, cols=None):
+  """Prints dict rows as an aligned text table (columns: those given, else all)."""
+  cols = cols or list(dict.fromkeys(c for r in rows for c in r))
+  cols = [c for c in cols if any(c in r for r in rows)]
+  fmt = lambda v: (f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else (
+      "-" if v is None else str(v))
+  widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+  print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+  for r in rows:
+    print("  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+results = load_results(RESULTS)
+print(f"{len(results)} result files in {RESULTS}:")
+show_table([dict(file=f"{k}.json", card=v.get("card"), date=v.get("date"), jax=v.get("jax"),
+                 rows=len(v.get("rows", []))) for k, v in results.items()])
+
+
+def missing(name, script):
+  if name in results:
+    return False
+  print(f"No {name}.json yet: it is written by `python benchmarks/{script}` on a GPU.")
+  return True
+
+# %% [markdown]
+# ## Prefill logits: `mqa_logits`
+#
+# The fp8 `[T, S]` logits of a causal prefill with H = 64, D = 128 (V3.2's shapes): the last T
+# of S tokens are the queries. Left: useful TFLOP/s of the Pallas kernel (Mosaic GPU, fp8
+# `wgmma`) against the fp8 ceiling measured in the same run. Right: time against the `xla`
+# backend, the memory-bounded jnp reference (an fp8 einsum over chunks of query rows, ReLU,
+# weighted head sum, mask).
+
+# %%
+if not missing("mqa_logits", "bench_mqa_logits.py"):
+  res = results["mqa_logits"]
+  rows = res["rows"]
+  labels = [f"{r['T']}x{r['S']}" for r in rows]
+  x = np.arange(len(rows))
+  ceiling = res.get("fp8_ceiling_tflops")
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+  bars = axes[0].bar(x, [r["tflops"] for r in rows], color="tab:blue", label="Pallas kernel")
+  if ceiling:
+    axes[0].axhline(ceiling, color="k", ls="--", lw=1,
+                    label=f"fp8 ceiling, same run ({ceiling:.0f})")
+    for b, r in zip(bars, rows):
+      axes[0].annotate(f"{100 * r['tflops'] / ceiling:.0f}%", (b.get_x() + b.get_width() / 2,
+                       b.get_height()), ha="center", va="bottom", fontsize=8)
+  axes[0].axhline(FP8_ANCHOR, color="gray", ls=":", lw=1, label=f"fp8 anchor ({FP8_ANCHOR:.0f})")
+  axes[0].set_xticks(x, labels, rotation=30)
+  axes[0].set_ylabel("useful TFLOP/s")
+  axes[0].set_title(f"mqa_logits on {res.get('card')}")
+  axes[0].legend(fontsize=8, loc="lower right")
+  if any("xla_ms" in r for r in rows):
+    wdt = 0.4
+    axes[1].bar(x - wdt / 2, [r.get("xla_ms", np.nan) for r in rows], wdt, label="xla backend",
+                color="tab:orange")
+    axes[1].bar(x + wdt / 2, [r["pallas_ms"] for r in rows], wdt, label="Pallas", color="tab:blue")
+    for i, r in enumerate(rows):
+      if "speedup" in r:
+        axes[1].annotate(f"{r['speedup']:.0f}x", (i, r["xla_ms"]), ha="center", va="bottom",
+                         fontsize=8)
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(x, labels, rotation=30)
+    axes[1].set_ylabel("ms (log)")
+    axes[1].set_title("xla vs Pallas (speedup above the bars)")
+    axes[1].legend(fontsize=8)
+  else:
+    axes[1].set_axis_off()
+    axes[1].text(0.5, 0.5, "no xla column in this run\n(it was run with --no-xla)",
+                 ha="center", va="center")
+  fig.tight_layout()
+  plt.show()
+  show_table(rows, ["T", "S", "pairs_M", "pallas_ms", "tflops", "pct_ceiling", "xla_ms", "speedup"])
+
+# %% [markdown]
+# Long rows come closest to the ceiling: every CTA pays a fixed prologue (loading its queries,
+# filling the pipeline) that long rows amortize over more key tiles.
+#
+# ### Kernel variants
+#
+# `bench_mqa_logits.py --variants` times explicit kernel configurations on the same shapes:
+# queries per block (`block_q`, times H = 64 gives the wgmma N), keys per tile (`block_kv`),
+# pipeline stages, and whether the longest rows are launched first.
+
+# %%
+if "mqa_logits_variants" in results:
+  vrows = results["mqa_logits_variants"]["rows"]
+  shapes = list(dict.fromkeys((r["T"], r["S"]) for r in vrows))
+  configs = list(dict.fromkeys((r["block_q"], r["block_kv"], r["stages"], r["heavy_first"])
+                               for r in vrows))
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for cfg_ in configs:
+    by_shape = {(r["T"], r["S"]): r["tflops"] for r in vrows
+                if (r["block_q"], r["block_kv"], r["stages"], r["heavy_first"]) == cfg_}
+    ax.plot(range(len(shapes)), [by_shape.get(s, np.nan) for s in shapes], "o-", ms=4,
+            label=f"block_q {cfg_[0]}, block_kv {cfg_[1]}, {cfg_[2]} stages"
+                  f"{', heavy first' if cfg_[3] else ''}")
+  ax.set_xticks(range(len(shapes)), [f"{t}x{s}" for t, s in shapes], rotation=30)
+  ax.set_ylabel("useful TFLOP/s")
+  ax.set_title("mqa_logits kernel variants")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  plt.show()
+else:
+  print("No mqa_logits_variants.json (bench_mqa_logits.py --variants ... writes it).")
+
+# %% [markdown]
+# ## Top-k: `topk_indices`
+#
+# Top-2048 of float32 rows. This is memory-bound: the ideal kernel reads each logit once.
+# Left: achieved GB/s against the copy ceiling. Right: time against `lax.top_k` (the xla
+# backend). The kernel runs one program per row: rows up to 32K keys stay in registers, longer
+# rows are streamed (re-read on every pass of the search), which is why the 64K-key rows fall
+# off, and a handful of very long rows (the last two shapes) leaves most of the GPU idle.
+
+# %%
+if not missing("topk", "bench_topk.py"):
+  res = results["topk"]
+  rows = [r for r in res["rows"] if "pallas_ms" in r]
+  if not rows:
+    print("topk.json has no timings (a CPU smoke run?)")
+  else:
+    labels = [f"{r['rows']}x{r['keys']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    axes[0].bar(x, [r["gbs"] for r in rows], color="tab:green", label="Pallas top-k")
+    axes[0].axhline(COPY_CEILING_GBS, color="k", ls="--", lw=1,
+                    label=f"copy ceiling ({COPY_CEILING_GBS:.0f} GB/s)")
+    axes[0].set_xticks(x, labels, rotation=30)
+    axes[0].set_ylabel("GB/s (logits read once)")
+    axes[0].set_title(f"top-{rows[0]['k']} on {res.get('card')}")
+    axes[0].legend(fontsize=8)
+    wdt = 0.28
+    axes[1].bar(x - wdt, [r.get("xla_ms", np.nan) for r in rows], wdt, label="lax.top_k",
+                color="tab:orange")
+    axes[1].bar(x, [r["pallas_ms"] for r in rows], wdt, label="Pallas", color="tab:green")
+    axes[1].bar(x + wdt, [r["floor_ms"] for r in rows], wdt, label="floor (one read)",
+                color="lightgray")
+    for i, r in enumerate(rows):
+      if "speedup" in r:
+        axes[1].annotate(f"{r['speedup']:.1f}x", (i - wdt, r["xla_ms"]), ha="center",
+                         va="bottom", fontsize=8)
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(x, labels, rotation=30)
+    axes[1].set_ylabel("ms (log)")
+    axes[1].set_title("lax.top_k vs Pallas (speedup above)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+    show_table(rows, ["rows", "keys", "config", "pallas_ms", "gbs", "floor_ms", "xla_ms",
+                      "speedup", "same_sets"])
+
+# %% [markdown]
+# Where the time of a whole prefill goes (`T = S = 32768`, causal, H = 64): the logits, then the
+# top-k, before (with `lax.top_k`) and after the Pallas top-k, and `prefill_topk` end to end.
+
+# %%
+split = results.get("topk", {}).get("prefill_split") or []
+if not split:
+  print("No prefill split in topk.json (bench_topk.py writes it on a GPU unless --no-prefill).")
+else:
+  s = split[0]
+  fig, ax = plt.subplots(figsize=(7, 3))
+  names = ["before: logits + lax.top_k", "after: logits + Pallas top-k"]
+  ax.barh(names, [s["logits_ms"]] * 2, color="tab:blue", label="logits (Pallas)")
+  ax.barh(names[:1], [s["topk_xla_ms"]], left=[s["logits_ms"]], color="tab:orange",
+          label="top-k (lax.top_k)")
+  ax.barh(names[1:], [s["topk_pallas_ms"]], left=[s["logits_ms"]], color="tab:green",
+          label="top-k (Pallas)")
+  ax.barh(["prefill_topk, measured"], [s["prefill_topk_ms"]], color="tab:purple")
+  ax.set_xlabel("ms")
+  ax.set_title(f"T = S = {s['T']}: {s['before_ms']:.1f} ms -> {s['after_ms']:.1f} ms")
+  ax.invert_yaxis()
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  plt.show()
+
+# %% [markdown]
+# ## Budgeted prefill: `prefill_topk`
+#
+# One 65536-token prompt: 16 GiB of logits if materialized. Under the budget (notebook 02) the
+# queries run in chunks, so peak memory stays near the budget; unchunked, the logits alone take
+# 16 GiB. The `query/call` row re-reads free memory before every call (what sglang did before
+# caching the budget).
+
+# %%
+if not missing("prefill_topk", "bench_prefill_topk.py"):
+  res = results["prefill_topk"]
+  rows = res["rows"]
+  mem_rows = [r for r in rows if r["variant"] in ("budgeted", "unchunked") and "peak_GiB" in r]
+  if mem_rows:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    names = [f"{r['variant']}\n({r['chunks']} x {r['rows']} rows)" for r in mem_rows]
+    x = np.arange(len(mem_rows))
+    axes[0].bar(x - 0.2, [r["peak_GiB"] for r in mem_rows], 0.4, label="peak device memory")
+    axes[0].bar(x + 0.2, [r.get("temp_GiB") or np.nan for r in mem_rows], 0.4,
+                label="compiled temp memory")
+    b = next((r["budget_GiB"] for r in mem_rows if r.get("budget_GiB")), None)
+    if b:
+      axes[0].axhline(b, color="k", ls="--", lw=1, label=f"budget ({b:.2f} GiB)")
+    axes[0].set_xticks(x, names)
+    axes[0].set_ylabel("GiB")
+    axes[0].set_title(f"{mem_rows[0]['T']}-token prefill on {res.get('card')}")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(x, [r["time_ms"] for r in mem_rows], color="tab:blue")
+    axes[1].set_xticks(x, names)
+    axes[1].set_ylabel("ms")
+    axes[1].set_title("time")
+    fig.tight_layout()
+    plt.show()
+  show_table(rows, ["variant", "T", "S", "time_ms", "cached_ms", "host_ms", "cached_host_ms",
+                    "query_us", "peak_GiB", "temp_GiB", "budget_GiB", "chunks", "rows"])
+
+# %% [markdown]
+# ## Other results
+#
+# Any other result file (the paged decode logits, the whole `Indexer` layer, ...) is shown as
+# a table, with its useful TFLOP/s or GB/s plotted against the ceilings when it has them.
+
+# %%
+known = {"mqa_logits", "mqa_logits_variants", "topk", "prefill_topk"}
+others = {k: v for k, v in results.items() if k not in known}
+if not others:
+  print("No other result files yet (paged_mqa_logits.json and indexer.json will be plotted "
+        "here once the benchmark scripts write them).")
+for name, res in others.items():
+  rows = res.get("rows") or []
+  print(f"\n{name}.json ({res.get('card')}, {res.get('date')}, jax {res.get('jax')}):")
+  if not rows:
+    print("  no rows")
+    continue
+  show_table(rows)
+  for col, ceil, unit in [("tflops", res.get("fp8_ceiling_tflops") or FP8_ANCHOR, "TFLOP/s"),
+                          ("gbs", COPY_CEILING_GBS, "GB/s")]:
+    vals = [r.get(col) for r in rows]
+    if not any(isinstance(v, (int, float)) for v in vals):
+      continue
+    keys = [c for c in rows[0] if isinstance(rows[0][c], int) and not isinstance(rows[0][c], bool)]
+    labels = ["x".join(str(r.get(c)) for c in keys) or str(i) for i, r in enumerate(rows)]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(rows)), [np.nan if v is None else v for v in vals])
+    ax.axhline(ceil, color="k", ls="--", lw=1, label=f"ceiling ({ceil:.0f} {unit})")
+    ax.set_xticks(range(len(rows)), labels, rotation=30, fontsize=8)
+    ax.set_xlabel(" x ".join(keys))
+    ax.set_ylabel(unit)
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+
+# %% [markdown]
+# ## Live: re-run a small benchmark (GPU only)
+#
+# On a machine with a Hopper GPU this runs `benchmarks/bench_mqa_logits.py --smoke` (two small
+# shapes, a few seconds), writing its JSON into a temporary folder only, and plots it next to
+# the committed figures. On a CPU it is skipped: the Pallas kernels need the GPU, and CPU
+# timings of the `xla` backend would say nothing about the kernels.
+
+# %%
+if jax.default_backend() != "gpu":
+  print(f"Skipped: jax's backend is {jax.default_backend()!r}; the live benchmark needs a GPU.")
+else:
+  with tempfile.TemporaryDirectory() as tmp:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_mqa_logits.py"),
+                           "--smoke", "--out", tmp], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    print(proc.stdout[-3000:])
+    if proc.returncode:
+      print(proc.stderr[-3000:])
+      raise RuntimeError(f"bench_mqa_logits.py --smoke failed with exit code {proc.returncode}")
+    live = load_results(tmp).get("mqa_logits_smoke")
+  committed = {(r["T"], r["S"]): r["tflops"] for r in results.get("mqa_logits", {}).get("rows", [])}
+  lrows = live["rows"]
+  x = np.arange(len(lrows))
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  ax.bar(x - 0.2, [r["tflops"] for r in lrows], 0.4, label=f"live ({live['card']})")
+  ax.bar(x + 0.2, [committed.get((r["T"], r["S"]), np.nan) for r in lrows], 0.4,
+         label="committed (same shape)")
+  ax.axhline(live["fp8_ceiling_tflops"], color="k", ls="--", lw=1,
+             label=f"fp8 ceiling now ({live['fp8_ceiling_tflops']:.0f})")
+  ax.set_xticks(x, [f"{r['T']}x{r['S']}" for r in lrows])
+  ax.set_ylabel("useful TFLOP/s")
+  ax.set_title("mqa_logits, live smoke run")
+  ax.legend(fontsize=8)
+  plt.show()
