@@ -43,7 +43,8 @@ def main(argv=None):
   ap.add_argument("--no-xla", action="store_true", help="skip the (slow) xla baseline")
   ap.add_argument("--unclean", action="store_true", help="also time clean_logits=False")
   ap.add_argument("--variants", default="",
-                  help="kernel configs to compare, 'block_q,block_kv,stages,heavy_first;...'")
+                  help="kernel configs to compare, 'block_q,block_kv,stages,heavy_first[,num_ctas];...'"
+                       " (num_ctas 0 = SM count; >= query blocks = one block per CTA)")
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   if not on_gpu:
@@ -83,9 +84,9 @@ def compare_variants(spec: str, shapes, iters, out_dir):
   """Times explicit kernel configs on the same shapes (tuning, not the headline table)."""
   cfgs = []
   for v in spec.split(";"):
-    bq, bkv, st, hf = (int(x) for x in v.split(","))
+    bq, bkv, st, hf, *ctas = (int(x) for x in v.split(","))
     cfgs.append(kernel.MqaLogitsConfig(block_q=bq, block_kv=bkv, num_stages=st,
-                                       heavy_first=bool(hf)))
+                                       heavy_first=bool(hf), num_ctas=(ctas or [0])[0] or None))
   rows = []
   for T, S in shapes:
     a, pairs = problem(T, S)
@@ -94,10 +95,12 @@ def compare_variants(spec: str, shapes, iters, out_dir):
       f = jax.jit(lambda *x, cfg=cfg: kernel.mqa_logits(*x, config=cfg))
       t = common.time_fn(f, *a, iters=iters)
       rows.append(dict(T=T, S=S, block_q=cfg.block_q, block_kv=cfg.block_kv,
-                       stages=cfg.num_stages, heavy_first=cfg.heavy_first, ms=t * 1e3,
+                       stages=cfg.num_stages, heavy_first=cfg.heavy_first,
+                       ctas=cfg.num_ctas or "SMs", ms=t * 1e3,
                        tflops=flop / t / 1e12))
   print(f"\nmqa_logits kernel variants on {common.card()}, jax {jax.__version__}")
-  common.print_table(rows, ["T", "S", "block_q", "block_kv", "stages", "heavy_first", "ms", "tflops"])
+  common.print_table(rows, ["T", "S", "block_q", "block_kv", "stages", "heavy_first", "ctas", "ms",
+                            "tflops"])
   common.write_results("mqa_logits_variants", rows, out_dir, True)
 
 

@@ -113,15 +113,20 @@ def test_kernel_interpret_matches_float64(H):
 
 
 def test_kernel_interpret_race_free_multi_tile():
-  """Several key tiles per query block through the 4-stage ring, two consumers, S and T not
-  multiples of the tiles; the interpreter's race detector must stay silent."""
+  """Several key tiles per query block through the 4-stage ring, two consumers, a persistent
+  grid of 2 CTAs each looping over several query blocks (the ring and the double-buffered
+  queries cross block boundaries), S and T not multiples of the tiles, an empty block; the
+  interpreter's race detector must stay silent."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
   from kernels_pallas import mqa_logits as kernel
   rng = np.random.default_rng(7)
-  ks, ke, S = causal_ragged([3, 4], [700, 9])
+  ks, ke, S = causal_ragged([3, 4, 2], [700, 9, 130])
+  ke[-2:] = ks[-2:]  # the last query block sees no key at all
   p = random_problem(rng, len(ks), S, H=64, ks=ks, ke=ke)
+  cfg = kernel.MqaLogitsConfig.for_heads(64)
+  cfg = type(cfg)(block_q=cfg.block_q, num_ctas=2)
   out = kernel.mqa_logits(p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"],
-                          interpret=_interpret_params(races=True))
+                          interpret=_interpret_params(races=True), config=cfg)
   assert not get_races().races_found
   ref = mqa_logits_np(*dequantized(p), p["k_scale"], p["weights"], ks, ke)
   assert_same_inf_pattern(out, ref)
