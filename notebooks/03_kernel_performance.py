@@ -75,8 +75,11 @@ def show_table(rows, cols=None):
   """Prints dict rows as an aligned text table (columns: those given, else all)."""
   cols = cols or list(dict.fromkeys(c for r in rows for c in r))
   cols = [c for c in cols if any(c in r for r in rows)]
-  fmt = lambda v: (f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}") if isinstance(v, float) else (
-      "-" if v is None else str(v))
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.1e}" if 0 < abs(v) < 1e-3 else (f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}")
+    return "-" if v is None else str(v)
+
   widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
   print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
   for r in rows:
@@ -250,6 +253,55 @@ else:
   plt.show()
 
 # %% [markdown]
+# ## Decode logits: `paged_mqa_logits`
+#
+# One decode step of `B` requests (`next_n` new tokens each) against their paged fp8 K caches
+# (contexts between 0.7x and 1.3x the average). Decode is memory-bound: the work per cached key
+# is tiny, so the measure is the cache bytes read per second (`cache_GBps`) against the copy
+# ceiling; the floor also counts writing the `[B * next_n, max_ctx]` logits.
+
+# %%
+if not missing("paged_mqa_logits", "bench_paged_mqa_logits.py"):
+  res = results["paged_mqa_logits"]
+  rows = [r for r in res["rows"] if "pallas_ms" in r]
+  if not rows:
+    print("paged_mqa_logits.json has no timings")
+  else:
+    labels = [f"B{r['B']} ctx{r['avg_ctx']} n{r['next_n']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    axes[0].bar(x, [r["cache_GBps"] for r in rows], color="tab:cyan", label="Pallas kernel")
+    axes[0].axhline(COPY_CEILING_GBS, color="k", ls="--", lw=1,
+                    label=f"copy ceiling, anchor ({COPY_CEILING_GBS:.0f} GB/s)")
+    measured = res.get("copy_ceiling_tbs_measured")
+    if measured:
+      axes[0].axhline(measured * 1e3, color="gray", ls=":", lw=1,
+                      label=f"copy ceiling, same run ({measured * 1e3:.0f} GB/s)")
+    axes[0].set_xticks(x, labels, rotation=40, fontsize=8)
+    axes[0].set_ylabel("GB/s of K cache read")
+    axes[0].set_title(f"paged_mqa_logits on {res.get('card')}")
+    axes[0].legend(fontsize=8, loc="lower right")
+    wdt = 0.28
+    axes[1].bar(x - wdt, [r.get("xla_ms", np.nan) for r in rows], wdt, label="xla backend",
+                color="tab:orange")
+    axes[1].bar(x, [r["pallas_ms"] for r in rows], wdt, label="Pallas", color="tab:cyan")
+    axes[1].bar(x + wdt, [r.get("floor_ms", np.nan) for r in rows], wdt,
+                label="floor (read cache + write logits)", color="lightgray")
+    for i, r in enumerate(rows):
+      if "speedup" in r:
+        axes[1].annotate(f"{r['speedup']:.1f}x", (i - wdt, r["xla_ms"]), ha="center",
+                         va="bottom", fontsize=8)
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(x, labels, rotation=40, fontsize=8)
+    axes[1].set_ylabel("ms (log)")
+    axes[1].set_title("xla vs Pallas (speedup above)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    plt.show()
+    show_table(rows, ["B", "avg_ctx", "next_n", "cache_MB", "pallas_ms", "floor_ms",
+                      "cache_GBps", "pct_2p94", "xla_ms", "speedup", "calc_diff"])
+
+# %% [markdown]
 # ## Budgeted prefill: `prefill_topk`
 #
 # One 65536-token prompt: 16 GiB of logits if materialized. Under the budget (notebook 02) the
@@ -288,15 +340,15 @@ if not missing("prefill_topk", "bench_prefill_topk.py"):
 # %% [markdown]
 # ## Other results
 #
-# Any other result file (the paged decode logits, the whole `Indexer` layer, ...) is shown as
-# a table, with its useful TFLOP/s or GB/s plotted against the ceilings when it has them.
+# Any other result file (the whole `Indexer` layer, a sweep, ...) is shown as a table, with its
+# useful TFLOP/s or GB/s plotted against the ceilings when it has them.
 
 # %%
-known = {"mqa_logits", "mqa_logits_variants", "topk", "prefill_topk"}
+known = {"mqa_logits", "mqa_logits_variants", "topk", "paged_mqa_logits", "prefill_topk"}
 others = {k: v for k, v in results.items() if k not in known}
 if not others:
-  print("No other result files yet (paged_mqa_logits.json and indexer.json will be plotted "
-        "here once the benchmark scripts write them).")
+  print("No other result files yet (e.g. indexer.json will be shown here once a benchmark "
+        "script writes it).")
 for name, res in others.items():
   rows = res.get("rows") or []
   print(f"\n{name}.json ({res.get('card')}, {res.get('date')}, jax {res.get('jax')}):")
@@ -305,7 +357,7 @@ for name, res in others.items():
     continue
   show_table(rows)
   for col, ceil, unit in [("tflops", res.get("fp8_ceiling_tflops") or FP8_ANCHOR, "TFLOP/s"),
-                          ("gbs", COPY_CEILING_GBS, "GB/s")]:
+                          ("gbs", COPY_CEILING_GBS, "GB/s"), ("cache_GBps", COPY_CEILING_GBS, "GB/s")]:
     vals = [r.get(col) for r in rows]
     if not any(isinstance(v, (int, float)) for v in vals):
       continue
