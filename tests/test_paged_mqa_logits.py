@@ -199,6 +199,25 @@ def _spread_lens(rng, B, avg):
   return np.maximum(1, (avg * rng.uniform(0.7, 1.3, B)).astype(np.int32))
 
 
+def _check_device_problem(p, **kw):
+  """Kernel vs the jitted float32 reference: exact -inf pattern, calc_diff, determinism."""
+  out = np.asarray(_call(p, "pallas", **kw))
+  ref_fn = jax.jit(lambda *a: reference.paged_mqa_logits(*a, max_context_len=p["max_context_len"]))
+  ref = np.asarray(ref_fn(p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale, p["weights"],
+                          p["context_lens"], p["block_tables"]))
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+  again = np.asarray(_call(p, "pallas", **kw))
+  np.testing.assert_array_equal(again.view(np.uint32), out.view(np.uint32))  # deterministic
+
+
+def test_device_problem_interpret():
+  """The GPU tests' generator and checks, at a CPU-sized problem in interpret mode."""
+  rng = np.random.default_rng(9)
+  p = _device_problem(jax.random.key(0), _spread_lens(rng, 3, 150), 2, H=32)
+  _check_device_problem(p, interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("next_n", [1, 2])
 @pytest.mark.parametrize("avg", [4096, 16384, 65536])
@@ -206,13 +225,7 @@ def _spread_lens(rng, B, avg):
 def test_gpu_matches_reference(B, avg, next_n):
   rng = np.random.default_rng(B * 7 + avg + next_n)
   p = _device_problem(jax.random.key(B + next_n), _spread_lens(rng, B, avg), next_n)
-  out = jax.block_until_ready(_call(p, "pallas"))
-  ref = jax.jit(_reference)(p)
-  out_h, ref_h = np.asarray(out), np.asarray(ref)
-  assert_same_inf_pattern(out_h, ref_h)
-  assert calc_diff(out_h, ref_h) < 5e-6
-  again = np.asarray(_call(p, "pallas"))
-  np.testing.assert_array_equal(again.view(np.uint32), out_h.view(np.uint32))  # deterministic
+  _check_device_problem(p)
 
 
 @pytest.mark.gpu
