@@ -31,6 +31,13 @@ Design (Hopper, Mosaic GPU through ``plgpu.kernel``):
 - The output width is padded to a multiple of 4 floats when needed (TMA wants 16-byte row
   strides) and sliced back.
 
+What the CUDA cross-lowering on a CPU-only jax 0.11.2 accepts (checked by the tests; it runs
+layout inference and the wgmma/TMA checks but not ptxas, so registers and the SMEM limit only
+show on a GPU): fp8 wgmma needs both operands K-major (keys ``[64, D]`` as A, queries
+``[n*H, D]`` passed as ``q_smem.T``); a splat store into SMEM needs a multiple of 128
+elements (hence the 2-row -inf tile for n = 1); an iota created outside the branch that uses
+it left layout inference without a solution (it is built where the mask needs it).
+
 Supported: ``next_n`` in {1, 2}, ``H`` in {16, 32, 64, 128} with ``next_n * H <= 128``
 (the wgmma N side, one float32 accumulator of at most 64 registers per thread), ``D == 128``
 (one 128-byte swizzled row per token). ``interpret=True`` runs the same kernel in the Mosaic
@@ -134,10 +141,12 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
   def _compute():
     plgpu.copy_gmem_to_smem(q_gmem.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(w_gmem.at[b], w_smem, q_bar)
+    # All first-stage ids are loaded before any copy is issued so that the loads overlap.
+    first = [page_id(j0 + st)[0] for st in range(NS)]
     for st in range(NS):
       @pl.when(st < n_comp)
       def _():
-        issue(page_id(j0 + st)[0], st)
+        issue(first[st], st)
 
     plgpu.barrier_wait(q_bar)
     w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA.reduce(0))
