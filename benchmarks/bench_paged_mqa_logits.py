@@ -1,7 +1,7 @@
 """Paged-decode MQA logits: Pallas kernel vs the xla backend, H=64, D=128, pages of 64 tokens.
 
 Usage: python benchmarks/bench_paged_mqa_logits.py [--smoke] [--out DIR] [--no-xla]
-                                                   [--no-check] [--sweep]
+                                                   [--no-check] [--sweep | --sweep-only]
 Contexts are drawn 0.7x..1.3x of the average (B=1: exactly the average); max_context_len is
 the largest context. Bandwidth counts cache bytes read: 132 bytes per context token (128 fp8
 key bytes + a float32 scale), as DeepGEMM reports it; the logits written (4 bytes per output
@@ -150,7 +150,8 @@ def main(argv=None):
   ap.add_argument("--no-xla", action="store_true", help="skip the xla baseline")
   ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
   ap.add_argument("--sweep", action="store_true",
-                  help="time kernel configs (pages_per_split x num_stages) at B=64, 64K")
+                  help="also time kernel configs (pages_per_split x num_stages) at a few sizes")
+  ap.add_argument("--sweep-only", action="store_true", help="only the config sweep")
   args = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
     if not args.smoke:
@@ -163,29 +164,40 @@ def main(argv=None):
           "(no timings)")
     common.print_table(rows, ["B", "avg_ctx", "next_n", "max_ctx", "calc_diff"])
     return
+  iters = 5 if args.smoke else 20
+  if args.sweep_only:
+    sweep(args.out, iters)
+    return
   copy_tbs = common.measure_copy_ceiling()
   shapes = SMOKE if args.smoke else FULL
-  iters = 5 if args.smoke else 20
-  rows = [bench_one(*s, iters=iters, do_xla=not args.no_xla, do_check=not args.no_check)
-          for s in shapes]
-  for r in rows:
-    r["pct_measured_copy"] = 100 * r["cache_GBps"] / (copy_tbs * 1e3)
+  rows, failed = [], False
+  for s in shapes:
+    try:
+      r = bench_one(*s, iters=iters, do_xla=not args.no_xla, do_check=not args.no_check)
+      r["pct_measured_copy"] = 100 * r["cache_GBps"] / (copy_tbs * 1e3)
+    except Exception as e:  # report every size, then fail
+      failed = True
+      r = dict(B=s[0], avg_ctx=s[1], next_n=s[2], error=f"{type(e).__name__}: {str(e)[:200]}")
+      print(f"B={s[0]} avg={s[1]} next_n={s[2]}: {r['error']}", flush=True)
+    rows.append(r)
   print(f"\npaged_mqa_logits (H={H}, D={D}, page {PAGE}, contexts 0.7-1.3x avg, clean) on "
         f"{common.card()}, jax {jax.__version__}; copy ceiling 2.94 TB/s (anchors), measured "
         f"now {copy_tbs:.2f} TB/s")
-  common.print_table(rows, COLS + ["pct_measured_copy"])
+  common.print_table(rows, COLS + ["pct_measured_copy", "error"])
   common.write_results("paged_mqa_logits", rows, args.out, args.smoke,
                        extra=dict(copy_ceiling_tbs_measured=copy_tbs))
   if args.sweep:
     sweep(args.out, iters)
+  if failed:
+    sys.exit("bench_paged_mqa_logits: some sizes failed (see the error column)")
 
 
 def sweep(out_dir, iters):
-  """Tuning table: every (pages_per_split, num_stages) at B=64, avg 64K, and B=64, avg 4K."""
+  """Tuning table: every (pages_per_split, num_stages) at a few sizes (next_n = 1 unless said)."""
   rows = []
-  for B, avg, n in [(64, 65536, 1), (64, 65536, 2), (64, 4096, 1)]:
+  for B, avg, n in [(64, 65536, 1), (64, 65536, 2), (128, 16384, 1), (64, 4096, 1)]:
     for pps in (4, 8, 16, 32, 64):
-      for st in (2, 4, 6, 8):
+      for st in (2, 4, 8):
         cfg = kernel.PagedConfig(pages_per_split=pps, num_stages=st)
         try:
           r = bench_one(B, avg, n, iters=iters, do_xla=False, do_check=False, config=cfg)
