@@ -145,7 +145,9 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
     plgpu.copy_gmem_to_smem(q_gmem.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(w_gmem.at[b], w_smem, q_bar)
     # All first-stage ids are loaded before any copy is issued so that the loads overlap.
-    first = [page_id(j0 + st)[0] for st in range(NS)]
+    # Indices stop at the last page with context: table entries past it are never read.
+    last = j0 + n_comp - 1
+    first = [page_id(jnp.minimum(j0 + st, last))[0] for st in range(NS)]
     for st in range(NS):
       @pl.when(st < n_comp)
       def _():
@@ -161,7 +163,7 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       j = j0 + i
       # Scalar loads first: their latency hides behind the wait and the wgmma.
       _, ok = page_id(j)
-      next_pid, _ = page_id(j + NS)
+      next_pid, _ = page_id(jnp.minimum(j + NS, last))
       plgpu.barrier_wait(kv_bar.at[slot])
 
       def mma(acc):
