@@ -4,7 +4,10 @@
 with ``page = block_tables[b, p // 64]``, ``o = p % 64``, for every token ``p`` that query ``t``
 of request ``b`` may see (``p <= context_lens[b] - n + t``); -inf elsewhere when clean.
 
-Design (Hopper, Mosaic GPU through ``plgpu.kernel``):
+Design (Hopper, Mosaic GPU through ``plgpu.kernel``; chosen over Pallas-Triton because it
+exposes what a streaming kernel needs directly: TMA page copies into an SMEM ring, mbarriers,
+fp8 wgmma with a register epilogue; it also runs in the Mosaic GPU interpreter on CPU and
+cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware legality):
 
 - The op is memory bound: each cached token costs 132 bytes (128 fp8 key bytes and a float32
   scale) and only ``2 * n * H * D`` FLOPs, so the kernel is a streaming loop over pages.
@@ -13,8 +16,8 @@ Design (Hopper, Mosaic GPU through ``plgpu.kernel``):
   one long context is cut into many CTAs and many short ones each get their own. CTAs past
   a request's last page only write -inf; the hardware block scheduler hands the next CTA to
   whichever SM frees up, which balances ragged batches without a device-side schedule.
-  Several CTAs stay resident per SM (about 53 KiB of SMEM each with 4 stages), so one CTA's
-  epilogue overlaps another's loads.
+  Several CTAs stay resident per SM (47 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
+  H = 64 and 4 stages: 4 per SM), so one CTA's epilogue overlaps another's loads.
 - Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]`` and head weights once, then
   keep ``config.num_stages`` pages (8 KiB of keys plus 256 B of scales each) in flight in an
   SMEM ring guarded by one mbarrier per slot. The page id is read from the block table (a
@@ -35,8 +38,8 @@ What the CUDA cross-lowering on a CPU-only jax 0.11.2 accepts (checked by the te
 layout inference and the wgmma/TMA checks but not ptxas, so registers and the SMEM limit only
 show on a GPU): fp8 wgmma needs both operands K-major (keys ``[64, D]`` as A, queries
 ``[n*H, D]`` passed as ``q_smem.T``); a splat store into SMEM needs a multiple of 128
-elements (hence the 2-row -inf tile for n = 1); an iota created outside the branch that uses
-it left layout inference without a solution (it is built where the mask needs it).
+elements (hence the 2-row -inf tile for n = 1); an iota that nothing used (clean_logits=False)
+left layout inference without a solution (it is built only where the mask needs it).
 
 Supported: ``next_n`` in {1, 2}, ``H`` in {16, 32, 64, 128} with ``next_n * H <= 128``
 (the wgmma N side, one float32 accumulator of at most 64 registers per thread), ``D == 128``
