@@ -16,7 +16,7 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
   one long context is cut into many CTAs and many short ones each get their own. CTAs past
   a request's last page only write -inf; the hardware block scheduler hands the next CTA to
   whichever SM frees up, which balances ragged batches without a device-side schedule.
-  Several CTAs stay resident per SM (47 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
+  Several CTAs stay resident per SM (46 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
   H = 64 and 4 stages: 4 per SM), so one CTA's epilogue overlaps another's loads.
 - Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]`` and head weights once, then
   keep ``config.num_stages`` pages (8 KiB of keys plus 256 B of scales each) in flight in an
