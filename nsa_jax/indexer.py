@@ -1,0 +1,641 @@
+"""DeepSeek-V3.2's lightning indexer as a Flax NNX layer: projections, rope, fp8, paged cache, top-k.
+
+One layer, as DeepSeek-V3.2's ``inference/model.py`` ``Indexer`` (shared/spec/indexer.md,
+"Forward"):
+
+    q = wq_b(qr).reshape(T, H, D)             k = LayerNorm(wk(x))            (f32 norm, eps 1e-6)
+    q, k = rope(q, k)                         NeoX on the first 64 dims, YaRN frequencies
+    q, k = hadamard(q), hadamard(k)           optional; exact logits are unchanged
+    q_fp8, q_scale = act_quant(q)             k_fp8, k_scale = act_quant(k)   -> K into the cache
+    w = weights_proj(x).f32 * H**-0.5 * q_scale * D**-0.5
+    top-k of k_scale[j] * sum_h w[i, h] * relu(q_fp8[i, h] . k_fp8[j]) over each query's keys
+
+Two entry points, both pure functions of (module, inputs, cache) -> (indices, new cache):
+- :meth:`Indexer.prefill`: a ragged batch (``nsa_jax.build_ragged_batch``); the new keys are
+  written into the paged cache, every request's keys (cached prefix + new) are gathered into
+  the packed key axis, and ``prefill_topk`` selects under the cached memory budget.
+- :meth:`Indexer.decode`: ``next_n`` (1 or 2) new tokens per request; keys written, then the
+  paged logits over each request's context and its top-k.
+
+Everything that looks at values (lengths, block tables) happens on the host, in
+:func:`prefill_inputs` / :func:`decode_inputs`, which turn them into bucket-padded int32 arrays;
+inside jit only shapes matter, so :class:`IndexerSteps` compiles once per bucket.
+
+Output formats (``output=``), all int32 [rows, topk], -1 padded:
+- ``"slots"``: physical cache slots ``block_tables[b, p // 64] * 64 + p % 64`` (what sparse
+  attention reads; sglang's ``page_table_1`` ids).
+- ``"positions"``: token positions within the request.
+- ``"keys"``: indices into the key axis the logits were computed over: the packed key axis for
+  prefill (``ks``-relative offsets plus ``ks``), the request's own positions for decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nsa_jax import budget as _budget
+from nsa_jax import ops
+from nsa_jax.cache import IndexKCache
+from nsa_jax.hadamard import hadamard_rotate
+from nsa_jax.prefill import prefill_topk
+from nsa_jax.quant import SCALE_FORMATS, act_quant
+from nsa_jax.reference import PAGE_SIZE
+from nsa_jax.rope import RopeConfig, apply_rope
+from nsa_jax.validation import expect
+
+OUTPUTS = ("slots", "positions", "keys")
+_I32 = jnp.int32
+_F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class IndexerConfig:
+  """Shapes and numerics of one indexer layer; the defaults are DeepSeek-V3.2's (671B).
+
+  Attributes:
+    dim: hidden size (input width of ``wk`` and ``weights_proj``).
+    q_lora_rank: input width of ``wq_b`` (the MLA query's low-rank activations).
+    n_heads, head_dim: index heads H and their dim D (a power of two: Hadamard, one fp8
+      block per head).
+    topk: keys kept per query (``index_topk``).
+    rope_head_dim: rotated features at the start of each head (NeoX, half-split).
+    rope_theta, rope_factor, original_max_position, beta_fast, beta_slow, max_position:
+      YaRN rope; ``rope_factor`` 1 means plain rope.
+    scale_fmt: fp8 scale format of ``act_quant``: None or "ue8m0" (power-of-two scales).
+    use_hadamard: rotate q and k before quantizing (V3.2 does).
+    dtype: activation and ``wq_b``/``wk`` dtype name ("bfloat16" as V3.2 runs; "float32").
+    norm_eps: LayerNorm epsilon of ``k_norm``.
+  """
+
+  dim: int = 7168
+  q_lora_rank: int = 1536
+  n_heads: int = 64
+  head_dim: int = 128
+  topk: int = 2048
+  rope_head_dim: int = 64
+  rope_theta: float = 10000.0
+  rope_factor: float = 40.0
+  original_max_position: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  max_position: int = 163840
+  scale_fmt: str | None = "ue8m0"
+  use_hadamard: bool = True
+  dtype: str = "bfloat16"
+  norm_eps: float = 1e-6
+
+  def __post_init__(self):
+    fn = "IndexerConfig"
+    for name in ("dim", "q_lora_rank", "n_heads", "head_dim", "topk", "rope_head_dim",
+                 "original_max_position", "max_position"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
+    D = self.head_dim
+    if D & (D - 1):
+      raise ValueError(f"{fn}: head_dim must be a power of two (Hadamard rotation, one fp8 "
+                       f"block per head), got {D}")
+    if self.rope_head_dim > D or self.rope_head_dim % 2:
+      raise ValueError(f"{fn}: rope_head_dim must be even and <= head_dim={D}, got "
+                       f"{self.rope_head_dim}")
+    if self.scale_fmt not in SCALE_FORMATS:
+      raise ValueError(f"{fn}: scale_fmt must be one of {SCALE_FORMATS}, got {self.scale_fmt!r}")
+    if self.dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"{fn}: dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
+
+  @property
+  def rope(self) -> RopeConfig:
+    return RopeConfig(rope_dim=self.rope_head_dim, theta=float(self.rope_theta),
+                      factor=float(self.rope_factor),
+                      original_max_position=self.original_max_position,
+                      beta_fast=float(self.beta_fast), beta_slow=float(self.beta_slow),
+                      max_position=self.max_position)
+
+  @property
+  def act_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **changes) -> "IndexerConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf_config(cls, config: Mapping[str, Any] | str | os.PathLike,
+                     **overrides) -> "IndexerConfig":
+    """Builds the config from a DeepSeek-V3.2 HF ``config.json`` (a dict, the file, or its dir).
+
+    Reads ``hidden_size``, ``q_lora_rank``, ``index_n_heads``, ``index_head_dim``,
+    ``index_topk``, ``qk_rope_head_dim``, ``rope_theta``, ``rope_scaling`` (YaRN ``factor``,
+    ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``; ``mscale`` only scales
+    MLA's softmax, not the indexer), ``max_position_embeddings`` and ``scale_fmt`` (top level
+    or in ``quantization_config``). DeepSeek's inference-repo names (``dim``, ``rope_factor``,
+    ``original_seq_len``, ``max_seq_len``) are accepted too. ``overrides`` replace fields.
+    """
+    fn = "IndexerConfig.from_hf_config"
+    if isinstance(config, (str, os.PathLike)):
+      path = os.fspath(config)
+      if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+      with open(path) as f:
+        config = json.load(f)
+    if not isinstance(config, Mapping):
+      raise ValueError(f"{fn}: config must be a dict or a path to config.json, got "
+                       f"{type(config).__name__}")
+
+    def pick(*names, default=None, required=False):
+      for n in names:
+        if config.get(n) is not None:
+          return config[n]
+      if required:
+        missing.append("/".join(names))
+      return default
+
+    missing: list[str] = []
+    fields = dict(
+        dim=pick("hidden_size", "dim", required=True),
+        q_lora_rank=pick("q_lora_rank", required=True),
+        n_heads=pick("index_n_heads", required=True),
+        head_dim=pick("index_head_dim", required=True),
+        topk=pick("index_topk", required=True),
+        rope_head_dim=pick("qk_rope_head_dim", "rope_head_dim", default=64),
+        rope_theta=pick("rope_theta", default=10000.0),
+    )
+    if missing:
+      raise ValueError(f"{fn}: config lacks the indexer fields {missing} (is this a "
+                       f"DeepSeek-V3.2 config?); got keys {sorted(config)}")
+    scaling = config.get("rope_scaling") or {}
+    max_pos = pick("max_position_embeddings", "max_seq_len", default=163840)
+    if scaling:
+      kind = scaling.get("type", scaling.get("rope_type", "yarn"))
+      if kind != "yarn":
+        raise ValueError(f"{fn}: rope_scaling.type must be 'yarn' (or absent), got {kind!r}")
+      fields.update(rope_factor=scaling.get("factor", 1.0),
+                    original_max_position=scaling.get("original_max_position_embeddings",
+                                                      max_pos),
+                    beta_fast=scaling.get("beta_fast", 32.0),
+                    beta_slow=scaling.get("beta_slow", 1.0))
+    elif "rope_factor" in config:  # DeepSeek's inference config
+      fields.update(rope_factor=config["rope_factor"],
+                    original_max_position=pick("original_seq_len", default=4096),
+                    beta_fast=pick("beta_fast", default=32.0),
+                    beta_slow=pick("beta_slow", default=1.0))
+    else:
+      fields.update(rope_factor=1.0, original_max_position=max_pos)
+    fields["max_position"] = max_pos
+    quant = config.get("quantization_config") or {}
+    fields["scale_fmt"] = config.get("scale_fmt", quant.get("scale_fmt"))
+    for name in ("dim", "q_lora_rank", "n_heads", "head_dim", "topk", "rope_head_dim",
+                 "original_max_position", "max_position"):
+      fields[name] = int(fields[name])
+    fields.update(overrides)
+    return cls(**fields)
+
+
+# --------------------------------------------------------------------------- host-side inputs
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillInputs:
+  """Device-side description of a ragged prefill (all int32, bucket-padded; a pytree).
+
+  Attributes:
+    positions: [T_pad] position of each new token within its request (rope); 0 for padding.
+    ks, ke: [T_pad] half-open key range in the packed key axis; [0, 0) for padding.
+    token_slots: [T_pad] cache slot each new token's key is written to; -1 for padding.
+    key_slots: [S_pad] cache slot of each packed key (prefix and new); -1 for padding.
+    key_positions: [S_pad] position of each packed key within its request; -1 for padding.
+  """
+
+  positions: Any
+  ks: Any
+  ke: Any
+  token_slots: Any
+  key_slots: Any
+  key_positions: Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+  """Device-side description of a decode step (int32, bucket-padded; a pytree).
+
+  Attributes:
+    context_lens: [B_pad] tokens of each request including this step's next_n new ones;
+      0 for padding requests.
+    block_tables: [B_pad, max_pages] page ids, -1 past each request's pages. The logits
+      width is ``max_pages * 64``.
+  """
+
+  context_lens: Any
+  block_tables: Any
+
+
+def _pow2_bucket(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _bucket(n: int, buckets, name: str, fn: str) -> int:
+  if buckets is None:
+    return _pow2_bucket(n)
+  for b in sorted(buckets):
+    if b >= n:
+      return int(b)
+  raise ValueError(f"{fn}: {name}={n} exceeds the largest bucket {max(buckets)}; add a "
+                   f"bucket >= {n}")
+
+
+def _check_tables(block_tables, lens, fn: str, num_pages: int | None) -> np.ndarray:
+  """int32 block tables [B, max_pages] covering ``lens`` tokens per request, or ValueError."""
+  tables = np.asarray(block_tables)
+  lens = np.asarray(lens, np.int64)
+  if tables.ndim != 2 or not np.issubdtype(tables.dtype, np.integer):
+    raise ValueError(f"{fn}: block_tables must be an int array [B, max_pages], got "
+                     f"{tables.dtype}{list(tables.shape)}")
+  if tables.shape[0] != lens.shape[0]:
+    raise ValueError(f"{fn}: block_tables must have one row per request ({lens.shape[0]}), got "
+                     f"{list(tables.shape)}")
+  need = -(-lens // PAGE_SIZE)
+  if need.size and need.max() > tables.shape[1]:
+    b = int(np.argmax(need))
+    raise ValueError(f"{fn}: block_tables has {tables.shape[1]} pages per row, but request {b} "
+                     f"needs {int(need[b])} for {int(lens[b])} tokens")
+  for b, n in enumerate(need):
+    row = tables[b, :n]
+    bad = (row < 0) if num_pages is None else ((row < 0) | (row >= num_pages))
+    if bad.any():
+      raise ValueError(f"{fn}: block_tables[{b}] must name pages in [0, "
+                       f"{'num_pages' if num_pages is None else num_pages}) for its first {n} "
+                       f"pages, got {row[:8].tolist()}{'...' if n > 8 else ''}")
+  return tables.astype(np.int32)
+
+
+def _slots(tables: np.ndarray, req: np.ndarray, pos: np.ndarray) -> np.ndarray:
+  ok = req >= 0
+  r, p = np.where(ok, req, 0), np.where(ok, pos, 0)
+  return np.where(ok, tables[r, p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE, -1).astype(np.int32)
+
+
+def prefill_inputs(batch, block_tables, *, num_pages: int | None = None) -> PrefillInputs:
+  """Host side: a :class:`~nsa_jax.RaggedBatch` and block tables -> :class:`PrefillInputs`.
+
+  Args:
+    batch: ``nsa_jax.build_ragged_batch(extend_lens, prefix_lens, ...)``.
+    block_tables: ints [B, max_pages]; request b's token p lives at cache slot
+      ``block_tables[b, p // 64] * 64 + p % 64``. Must cover prefix + extend tokens.
+    num_pages: the cache's page count, to check page ids against (optional).
+
+  Returns:
+    :class:`PrefillInputs` of numpy int32 arrays (shapes [T_pad] and [S_pad] only, so jit
+    recompiles only when the batch's buckets change).
+  """
+  fn = "prefill_inputs"
+  lens = np.zeros(batch.num_requests, np.int64)
+  real = batch.key_request >= 0
+  np.add.at(lens, batch.key_request[real], 1)
+  tables = _check_tables(block_tables, lens, fn, num_pages)
+  return PrefillInputs(
+      positions=batch.positions.astype(np.int32), ks=batch.ks.astype(np.int32),
+      ke=batch.ke.astype(np.int32),
+      token_slots=_slots(tables, batch.token_request, batch.positions),
+      key_slots=_slots(tables, batch.key_request, batch.key_positions),
+      key_positions=np.where(real, batch.key_positions, -1).astype(np.int32))
+
+
+def decode_inputs(context_lens, block_tables, *, batch_buckets: Sequence[int] | None = None,
+                  page_buckets: Sequence[int] | None = None,
+                  num_pages: int | None = None) -> DecodeInputs:
+  """Host side: context lengths and block tables -> bucket-padded :class:`DecodeInputs`.
+
+  Args:
+    context_lens: ints [B] >= 0, each request's length *including* this step's new tokens.
+    block_tables: ints [B, max_pages] covering those lengths.
+    batch_buckets, page_buckets: ladders for B_pad and the table width (None: powers of two).
+      The logits width is ``pages_pad * 64``.
+    num_pages: the cache's page count, to check page ids against (optional).
+
+  Returns:
+    :class:`DecodeInputs` of numpy int32 arrays; padding requests have length 0 and -1 pages.
+  """
+  fn = "decode_inputs"
+  ctx = np.asarray(context_lens)
+  if ctx.ndim != 1 or (ctx.size and not np.issubdtype(ctx.dtype, np.integer)):
+    raise ValueError(f"{fn}: context_lens must be a 1-D int sequence, got {ctx.dtype}"
+                     f"{list(ctx.shape)}")
+  if (ctx < 0).any():
+    raise ValueError(f"{fn}: context_lens must be >= 0, got {ctx.tolist()}")
+  tables = _check_tables(block_tables, ctx, fn, num_pages)
+  B, P = tables.shape
+  need = int((-(-ctx.astype(np.int64) // PAGE_SIZE)).max(initial=1))
+  B_pad = _bucket(max(B, 1), batch_buckets, "number of requests", fn)
+  P_pad = _bucket(max(need, 1), page_buckets, "pages per request", fn)
+  out_t = np.full((B_pad, P_pad), -1, np.int32)
+  keep = min(P, P_pad)
+  out_t[:B, :keep] = tables[:, :keep]
+  out_c = np.zeros(B_pad, np.int32)
+  out_c[:B] = ctx
+  return DecodeInputs(context_lens=out_c, block_tables=out_t)
+
+
+def allocate_block_tables(capacities, *, seed: int | None = None, extra_pages: int = 0):
+  """A simple page allocator for demos and tests: every request gets its own pages.
+
+  Args:
+    capacities: ints [B], tokens each request may grow to.
+    seed: None for pages in order, else an int seeding a shuffle (pages scattered over the
+      cache as a real allocator leaves them).
+    extra_pages: unused pages appended to the cache.
+
+  Returns:
+    (int32 [B, max_pages] block tables with -1 past each request's pages, num_pages int).
+  """
+  caps = np.asarray(capacities, np.int64)
+  pages = -(-caps // PAGE_SIZE)
+  num_pages = int(pages.sum()) + int(extra_pages)
+  order = np.arange(num_pages)
+  if seed is not None:
+    order = np.random.default_rng(seed).permutation(num_pages)
+  tables = np.full((len(caps), max(int(pages.max(initial=0)), 1)), -1, np.int32)
+  start = 0
+  for b, n in enumerate(pages):
+    tables[b, :n] = order[start:start + n]
+    start += n
+  return tables, max(num_pages, 1)
+
+
+# --------------------------------------------------------------------------- the layer
+
+class Indexer(nnx.Module):
+  """DeepSeek-V3.2's lightning indexer (one layer) as an NNX module.
+
+  Parameters (torch names in the checkpoint; ``nnx.Linear`` kernels are [in, out]):
+    wq_b: Linear(q_lora_rank -> H * D), no bias, ``config.dtype``.
+    wk: Linear(dim -> D), no bias, ``config.dtype``.
+    k_norm: LayerNorm(D) with bias, float32 params and math.
+    weights_proj: Linear(dim -> H), no bias, float32 (V3.2 keeps it in fp32 and feeds it
+      ``x.float()``; the checkpoint's bf16 values convert exactly).
+  """
+
+  def __init__(self, config: IndexerConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, IndexerConfig):
+      raise ValueError(f"Indexer: config must be an IndexerConfig, got {type(config).__name__}")
+    c = config
+    self.config = c
+    act = c.act_dtype
+    self.wq_b = nnx.Linear(c.q_lora_rank, c.n_heads * c.head_dim, use_bias=False, dtype=act,
+                           param_dtype=act, rngs=rngs)
+    self.wk = nnx.Linear(c.dim, c.head_dim, use_bias=False, dtype=act, param_dtype=act,
+                         rngs=rngs)
+    self.k_norm = nnx.LayerNorm(c.head_dim, epsilon=c.norm_eps, dtype=_F32, param_dtype=_F32,
+                                use_fast_variance=False, rngs=rngs)
+    # HIGHEST: on GPU the default f32 matmul may run in TF32, which V3.2's fp32 weights_proj
+    # does not; the head weights scale every logit.
+    self.weights_proj = nnx.Linear(c.dim, c.n_heads, use_bias=False, dtype=_F32,
+                                   param_dtype=_F32, precision=jax.lax.Precision.HIGHEST,
+                                   rngs=rngs)
+
+  # ------------------------------------------------------------------ projections
+
+  def project(self, x: jax.Array, qr: jax.Array, positions: jax.Array):
+    """The per-token part of the forward: projections, rope, Hadamard, fp8, head weights.
+
+    Args:
+      x: float [T, dim] hidden states (cast to ``config.dtype``).
+      qr: float [T, q_lora_rank] query low-rank activations.
+      positions: int32 [T] position of each token within its request.
+
+    Returns:
+      ``(q_fp8 float8_e4m3fn [T, H, D], k_fp8 float8_e4m3fn [T, D], k_scale float32 [T],
+      weights float32 [T, H])`` with the q scales and the softmax scale folded into weights.
+    """
+    c = self.config
+    fn = "Indexer.project"
+    T = x.shape[0] if hasattr(x, "shape") and x.ndim else None
+    expect("x", x, (T, c.dim), (jnp.bfloat16, jnp.float32, jnp.float16), fn)
+    expect("qr", qr, (T, c.q_lora_rank), (jnp.bfloat16, jnp.float32, jnp.float16), fn)
+    expect("positions", positions, (T,), _I32, fn)
+    H, D, act = c.n_heads, c.head_dim, c.act_dtype
+    q = self.wq_b(qr.astype(act)).reshape(T, H, D)
+    # V3.2: F.layer_norm(x.float(), ...).type_as(x): normalize in f32, continue in bf16.
+    k = self.k_norm(self.wk(x.astype(act)).astype(_F32)).astype(act)
+    q = apply_rope(q, positions, c.rope)
+    k = apply_rope(k, positions, c.rope)
+    if c.use_hadamard:
+      q, k = hadamard_rotate(q), hadamard_rotate(k)
+    # One block per head (D elements), so one q scale per (token, head): it folds into w.
+    q_fp8, q_scale = act_quant(q, D, c.scale_fmt)
+    k_fp8, k_scale = act_quant(k, D, c.scale_fmt)
+    w = self.weights_proj(x.astype(_F32)) * H ** -0.5
+    w = w * q_scale[..., 0] * D ** -0.5
+    return q_fp8, k_fp8, k_scale[:, 0], w
+
+  # ------------------------------------------------------------------ prefill
+
+  def prefill(self, x: jax.Array, qr: jax.Array, inputs: PrefillInputs, cache: IndexKCache, *,
+              output: str = "slots", backend: str = "auto", interpret: bool = False,
+              budget_bytes: int | None = None):
+    """Ragged prefill: writes the new keys into ``cache`` and selects each token's top-k.
+
+    Args:
+      x: float [T_pad, dim] hidden states of the new tokens, packed request after request
+        (rows past ``batch.num_tokens`` are padding and ignored).
+      qr: float [T_pad, q_lora_rank].
+      inputs: :class:`PrefillInputs` from :func:`prefill_inputs` (its [T_pad] / [S_pad]).
+      cache: :class:`IndexKCache` holding every request's prefix keys; D = head_dim.
+      output: "slots" | "positions" | "keys" (module docstring).
+      backend, interpret: for ``mqa_logits`` / ``topk_indices`` (via ``prefill_topk``).
+      budget_bytes: overrides the cached logits budget (a Python int), else the cached one.
+
+    Returns:
+      ``(int32 [T_pad, topk] indices, -1 padded; the new IndexKCache)``.
+    """
+    fn = "Indexer.prefill"
+    self._check_output(output, fn)
+    _check_cache(cache, self.config.head_dim, fn)
+    if not isinstance(inputs, PrefillInputs):
+      raise ValueError(f"{fn}: inputs must be PrefillInputs (nsa_jax.indexer.prefill_inputs), "
+                       f"got {type(inputs).__name__}")
+    T = x.shape[0]
+    for name in ("positions", "ks", "ke", "token_slots"):
+      expect(f"inputs.{name}", getattr(inputs, name), (T,), _I32, fn)
+    S = inputs.key_slots.shape[0] if hasattr(inputs.key_slots, "shape") else None
+    expect("inputs.key_slots", inputs.key_slots, (S,), _I32, fn)
+    expect("inputs.key_positions", inputs.key_positions, (S,), _I32, fn)
+    q8, k8, ksc, w = self.project(x, qr, inputs.positions)
+    cache = cache.write(inputs.token_slots, k8, ksc)
+    # The packed key axis (prefix + new per request) is read back from the cache after the
+    # write, so a cached prefix and the new keys come from one place. [S_pad, D]: small.
+    flat = jnp.maximum(inputs.key_slots, 0)
+    keys8 = cache.k_fp8.reshape(-1, cache.head_dim)[flat]
+    keysc = cache.k_scale.reshape(-1)[flat]
+    idx = prefill_topk(q8, keys8, keysc, w, inputs.ks, inputs.ke, k=self.config.topk,
+                       backend=backend, interpret=interpret, budget_bytes=budget_bytes)
+    if output == "keys":
+      return idx, cache
+    table = inputs.key_slots if output == "slots" else inputs.key_positions
+    return jnp.where(idx >= 0, table[jnp.maximum(idx, 0)], -1), cache
+
+  # ------------------------------------------------------------------ decode
+
+  def decode(self, x: jax.Array, qr: jax.Array, inputs: DecodeInputs, cache: IndexKCache, *,
+             output: str = "slots", backend: str = "auto", interpret: bool = False):
+    """Decode step: ``next_n`` new tokens per request (1, or 2 with speculative decoding).
+
+    Args:
+      x: float [B_pad * next_n, dim], request-major (row b * next_n + t is token t of b).
+      qr: float [B_pad * next_n, q_lora_rank].
+      inputs: :class:`DecodeInputs` from :func:`decode_inputs`; ``context_lens`` include the
+        new tokens, which sit at positions ``context_lens[b] - next_n + t``.
+      cache: :class:`IndexKCache` holding each request's earlier keys.
+      output: "slots" | "positions" | "keys" ("keys" = "positions" here).
+      backend, interpret: for ``paged_mqa_logits`` and ``topk_indices``.
+
+    Returns:
+      ``(int32 [B_pad * next_n, topk] indices, -1 padded; the new IndexKCache)``. Query t of
+      request b sees positions ``p < context_lens[b]`` with ``p <= context_lens[b] - next_n + t``.
+    """
+    fn = "Indexer.decode"
+    self._check_output(output, fn)
+    _check_cache(cache, self.config.head_dim, fn)
+    if not isinstance(inputs, DecodeInputs):
+      raise ValueError(f"{fn}: inputs must be DecodeInputs (nsa_jax.indexer.decode_inputs), "
+                       f"got {type(inputs).__name__}")
+    B = inputs.context_lens.shape[0]
+    expect("inputs.context_lens", inputs.context_lens, (B,), _I32, fn)
+    expect("inputs.block_tables", inputs.block_tables, (B, None), _I32, fn)
+    rows = x.shape[0]
+    if rows % B or rows == 0:
+      raise ValueError(f"{fn}: x must have B_pad * next_n rows with B_pad={B} (from "
+                       f"inputs.context_lens), got {list(x.shape)}")
+    n, c = rows // B, self.config
+    ctx, tables = inputs.context_lens, inputs.block_tables
+    max_pages = tables.shape[1]
+    L = max_pages * PAGE_SIZE
+    pos = (ctx[:, None] - n + jnp.arange(n, dtype=_I32)[None, :]).reshape(-1)      # [B * n]
+    q8, k8, ksc, w = self.project(x, qr, jnp.maximum(pos, 0))
+    slots = _positions_to_slots(pos, jnp.repeat(tables, n, axis=0), cache.num_pages)
+    cache = cache.write(slots, k8, ksc)
+    logits = ops.paged_mqa_logits(q8.reshape(B, n, c.n_heads, c.head_dim), cache, w, ctx,
+                                  tables, max_context_len=L, backend=backend,
+                                  interpret=interpret)
+    ke = jnp.clip(pos + 1, 0, jnp.repeat(jnp.minimum(ctx, L), n))
+    idx = ops.topk_indices(logits, jnp.zeros_like(ke), ke, k=c.topk, backend=backend,
+                           interpret=interpret)
+    if output != "slots":
+      return idx, cache
+    return _positions_to_slots(idx, jnp.repeat(tables, n, axis=0), cache.num_pages), cache
+
+  @staticmethod
+  def _check_output(output, fn):
+    if output not in OUTPUTS:
+      raise ValueError(f"{fn}: output must be one of {OUTPUTS}, got {output!r}")
+
+
+def _check_cache(cache, D, fn):
+  if not isinstance(cache, IndexKCache):
+    raise ValueError(f"{fn}: cache must be an IndexKCache, got {type(cache).__name__}")
+  if cache.head_dim != D or cache.page_size != PAGE_SIZE:
+    raise ValueError(f"{fn}: cache must hold pages of {PAGE_SIZE} tokens of head_dim {D}, got "
+                     f"k_fp8 {list(cache.k_fp8.shape)}")
+
+
+def _positions_to_slots(pos, tables, num_pages):
+  """int32 [R, ...] positions -> cache slots via per-row tables [R, max_pages]; -1 where the
+  position is negative or its page is missing or outside [0, num_pages)."""
+  max_pages = tables.shape[1]
+  col = jnp.clip(pos // PAGE_SIZE, 0, max_pages - 1)
+  if pos.ndim == 1:
+    page = jnp.take_along_axis(tables, col[:, None], axis=1)[:, 0]
+  else:
+    page = jnp.take_along_axis(tables, col, axis=1)
+  ok = (pos >= 0) & (pos // PAGE_SIZE < max_pages) & (page >= 0) & (page < num_pages)
+  return jnp.where(ok, page * PAGE_SIZE + pos % PAGE_SIZE, -1).astype(_I32)
+
+
+# --------------------------------------------------------------------------- jit
+
+def _prefill_step(params, x, qr, inputs, cache, *, graphdef, output, backend, interpret,
+                  budget_bytes):
+  return nnx.merge(graphdef, params).prefill(x, qr, inputs, cache, output=output,
+                                             backend=backend, interpret=interpret,
+                                             budget_bytes=budget_bytes)
+
+
+def _decode_step(params, x, qr, inputs, cache, *, graphdef, output, backend, interpret):
+  return nnx.merge(graphdef, params).decode(x, qr, inputs, cache, output=output,
+                                            backend=backend, interpret=interpret)
+
+
+# Module level, with the graph definition as a static argument: layers with equal configs have
+# equal graph definitions, so all of a model's indexer layers share one program per bucket.
+_STATIC = ("graphdef", "output", "backend", "interpret")
+_prefill_jit = jax.jit(_prefill_step, static_argnames=_STATIC + ("budget_bytes",),
+                       donate_argnames=("cache",))
+_decode_jit = jax.jit(_decode_step, static_argnames=_STATIC, donate_argnames=("cache",))
+
+
+class IndexerSteps:
+  """The jit-compiled prefill and decode steps of one :class:`Indexer` (split/merge + jax.jit).
+
+  The module is split once; each step merges it inside jit, so parameters are ordinary jit
+  arguments and the graph definition (which holds the config) is static. Programs are shared
+  by every layer with the same config. The cache argument is donated (its buffers are reused
+  for the returned cache: pass the returned one to the next call). A step compiles once per
+  input bucket (T_pad, S_pad for prefill; B_pad, next_n and pages for decode) and per
+  ``output``. The memory budget is primed here, before any tracing (one device query).
+
+  Args:
+    indexer: the :class:`Indexer`.
+    backend, interpret: kernel choice for every op (``"auto"``: Pallas on a GPU).
+    budget_bytes: explicit prefill logits budget (int), else the cached device budget.
+    device: the device whose budget is primed (default: the default device).
+  """
+
+  def __init__(self, indexer: Indexer, *, backend: str = "auto", interpret: bool = False,
+               budget_bytes: int | None = None, device=None):
+    if backend not in ops.BACKENDS:
+      raise ValueError(f"IndexerSteps: backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or
+                                     not isinstance(budget_bytes, int) or budget_bytes < 1):
+      raise ValueError(f"IndexerSteps: budget_bytes must be an int >= 1 or None, got "
+                       f"{budget_bytes!r}")
+    self.config = indexer.config
+    self.backend, self.interpret = backend, interpret
+    self._explicit_budget = budget_bytes
+    self.budget_bytes = budget_bytes if budget_bytes is not None else _budget.prime(device)
+    self.graphdef, self.params = nnx.split(indexer)
+
+  def prefill(self, x, qr, inputs: PrefillInputs, cache: IndexKCache, *,
+              output: str = "slots"):
+    """Jitted :meth:`Indexer.prefill`; donates ``cache``. Returns (indices, new cache)."""
+    return _prefill_jit(self.params, x, qr, inputs, cache, graphdef=self.graphdef,
+                        output=output, backend=self.backend, interpret=self.interpret,
+                        budget_bytes=self._explicit_budget)
+
+  def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots"):
+    """Jitted :meth:`Indexer.decode`; donates ``cache``. Returns (indices, new cache)."""
+    return _decode_jit(self.params, x, qr, inputs, cache, graphdef=self.graphdef,
+                       output=output, backend=self.backend, interpret=self.interpret)
+
+  def plan(self, inputs: PrefillInputs):
+    """The :class:`~nsa_jax.ChunkPlan` the prefill step uses for these inputs (host only)."""
+    from nsa_jax.prefill import plan_for
+    return plan_for(int(inputs.ks.shape[0]), int(inputs.key_slots.shape[0]),
+                    budget_bytes=self._explicit_budget)
+
+  @staticmethod
+  def cache_sizes() -> dict:
+    """Compiled programs held per step, over all IndexerSteps (jax's jit cache sizes)."""
+    return dict(prefill=_prefill_jit._cache_size(), decode=_decode_jit._cache_size())
+
+
+__all__ = ["DecodeInputs", "Indexer", "IndexerConfig", "IndexerSteps", "OUTPUTS",
+           "PrefillInputs", "allocate_block_tables", "decode_inputs", "prefill_inputs"]
