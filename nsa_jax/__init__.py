@@ -17,10 +17,15 @@ from nsa_jax.planner import ChunkPlan, plan_chunks
 from nsa_jax.prefill import prefill_topk
 from nsa_jax.sharding import make_mesh, prime_mesh
 from nsa_jax.topk_slots import paged_topk_slots
+from nsa_jax.indexer import (Indexer, IndexerConfig, IndexerSteps, allocate_block_tables,
+                             decode_inputs, prefill_inputs)
+from nsa_jax.weights import load_indexer, load_indexer_params
 
 __version__ = "0.1.0"
 
 __all__ = ["IndexKCache", "RopeConfig", "act_quant", "apply_rope", "checking", "dequant",
            "hadamard_rotate", "mqa_logits", "paged_mqa_logits", "topk_indices",
            "budget", "ChunkPlan", "RaggedBatch", "build_ragged_batch", "make_mesh",
-           "plan_chunks", "prefill_topk", "prime_mesh", "paged_topk_slots"]
+           "plan_chunks", "prefill_topk", "prime_mesh", "paged_topk_slots",
+           "Indexer", "IndexerConfig", "IndexerSteps", "allocate_block_tables", "decode_inputs",
+           "load_indexer", "load_indexer_params", "prefill_inputs"]

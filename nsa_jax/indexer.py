@@ -49,6 +49,7 @@ from nsa_jax.prefill import prefill_topk
 from nsa_jax.quant import SCALE_FORMATS, act_quant
 from nsa_jax.reference import PAGE_SIZE
 from nsa_jax.rope import RopeConfig, apply_rope
+from nsa_jax.topk_slots import decode_key_range, paged_topk_slots
 from nsa_jax.validation import expect
 
 OUTPUTS = ("slots", "positions", "keys")
@@ -526,12 +527,14 @@ class Indexer(nnx.Module):
     logits = ops.paged_mqa_logits(q8.reshape(B, n, c.n_heads, c.head_dim), cache, w, ctx,
                                   tables, max_context_len=L, backend=backend,
                                   interpret=interpret)
-    ke = jnp.clip(pos + 1, 0, jnp.repeat(jnp.minimum(ctx, L), n))
+    if output == "slots":
+      return paged_topk_slots(logits, ctx, tables, next_n=n, k=c.topk,
+                              num_pages=cache.num_pages, backend=backend,
+                              interpret=interpret), cache
+    ke = decode_key_range(ctx, n, L)
     idx = ops.topk_indices(logits, jnp.zeros_like(ke), ke, k=c.topk, backend=backend,
                            interpret=interpret)
-    if output != "slots":
-      return idx, cache
-    return _positions_to_slots(idx, jnp.repeat(tables, n, axis=0), cache.num_pages), cache
+    return idx, cache
 
   @staticmethod
   def _check_output(output, fn):
