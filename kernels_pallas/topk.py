@@ -8,10 +8,16 @@ Per row (one program each), for the keys in [ks, ke):
    a single logit.
 3. Otherwise the k-th largest key is found exactly by a bracket search: ``lo`` with
    count(key >= lo) >= k and ``hi`` with count(key >= hi) < k, starting from the row's min
-   and max + 1. Each probe is one counting pass over the row. Probes interpolate the counts
-   linearly in key space (regula falsi); a probe that fails to halve the bracket is followed by
-   a plain bisection, so the search takes at most 64 passes, typically far fewer. It stops
-   early as soon as a probe counts exactly k keys (then no tie handling is needed).
+   and max + 1. Each pass over the row counts the keys >= each of ``P`` probes (default 8) and
+   takes the min and max key inside the current bracket. The probes sit around where a straight
+   line through (lo, count(lo)) and (hi, count(hi)) crosses k (regula falsi), at 1/4, 1/16,
+   1/64, ... of the bracket either side; the new bracket is the tightest pair of probes around
+   the threshold, then snapped to the old bracket's min / max key (no count changes: no key lies
+   in between), so a bracket that holds one distinct value closes at once (ties). A pass that
+   fails to halve the bracket is followed by one centred on its middle, so the search takes at
+   most ~64 passes; on normal, uniform or rounded data it takes 4-8 passes (the min/max pass
+   included) at 8K-256K keys. It stops early as soon as a probe counts exactly k keys (then no
+   tie handling is needed).
 4. A last pass writes the indices by an in-tile prefix sum: first every key above the
    threshold (ascending index), then keys equal to the threshold (ascending index) until k
    slots are filled.
@@ -28,8 +34,10 @@ Two ways to hold the row, picked statically from S:
 - streaming (longer rows): each pass reads the row's tiles again (from L2 once the first pass
   has pulled them in), looping over the tiles that overlap [ks, ke) only.
 
-Count passes cost ~3 instructions a key plus one block-wide reduction, so the kernel's time
-is (1 HBM read of the row) + (number of passes) x (register or L2 sweep); see
+A pass costs ~3 instructions a key per probe (compare, select, add into per-lane counts packed
+8 or 16 bits a probe), ~6 for the in-bracket min / max, and a few block-wide sums (two probes'
+totals share one 32-bit sum when S < 2**16), so the kernel's time is (1 HBM read of the row) +
+(number of passes) x (register or L2/HBM sweep); see
 ``benchmarks/NOTES.md`` for the floor and the measured figures.
 """
 
@@ -68,8 +76,11 @@ class TopKConfig:
     tile: keys per tile (a power of two <= 32768); one counting step handles one tile.
     resident: hold all ``ceil(S / tile)`` tiles in registers (else re-read them every pass).
     num_warps: warps per row-program.
-    interpolate: regula-falsi probes (else plain bisection: always ~32 passes).
+    interpolate: probes around the regula-falsi estimate (else evenly spaced probes:
+      multisection, ~32 / log2(P + 1) passes).
     out_chunk: output slots written per step by the few-valid path (a power of two).
+    probes: thresholds counted per pass (P); more probes shrink the bracket faster for ~3
+      more instructions a key each.
   """
 
   tile: int
@@ -77,10 +88,13 @@ class TopKConfig:
   num_warps: int
   interpolate: bool = True
   out_chunk: int = 2048
+  probes: int = 8
 
   def __post_init__(self):
     if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
       raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
+    if self.probes < 1:
+      raise ValueError(f"probes must be >= 1, got {self.probes}")
     if self.out_chunk < 1 or self.out_chunk & (self.out_chunk - 1):
       raise ValueError(f"out_chunk must be a power of two, got {self.out_chunk}")
 
@@ -102,6 +116,15 @@ def unsupported_reason(num_keys: int, k: int) -> str | None:
   if num_keys >= 2**31 - _MAX_TILE:
     return f"S={num_keys} keys: int32 key positions would overflow"
   return None
+
+
+def _probe_offsets(P: int) -> list[float]:
+  """Probe positions relative to the interpolated estimate, in bracket widths: +-4**-i."""
+  if P == 1:
+    return [0.0]
+  h = P // 2
+  return sorted([-(4.0 ** -i) for i in range(1, h + 1)] +
+                [4.0 ** -i for i in range(1, P - h + 1)])
 
 
 def _sortable_u32(x):
@@ -158,10 +181,48 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, *, num_keys, k, cfg: TopKConfig):
       def fold(fn, init):
         return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
 
-    zeros = jnp.zeros((tile,), _I32)
+    P = cfg.probes
+    # Per-lane counts never exceed the number of tiles folded; totals never exceed S. Pack
+    # several probes' counts into one uint32 per lane (fewer adds and registers), and two
+    # per word for the block-wide sums when S < 2**16.
+    fbits = 8 if n_tiles < (1 << 8) else 16 if n_tiles < (1 << 16) else 32
+    per_word = 32 // fbits
+    n_words = -(-P // per_word)
 
-    def count_ge(p):
-      return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
+    def count_pass(probes, lo, hi):
+        """Counts of keys >= each probe, and min / max key in [lo, hi), in one pass."""
+        def fn(acc, key, _):
+            words, mn, mx = acc
+            words = list(words)
+            for j, p in enumerate(probes):
+                w, f = divmod(j, per_word)
+                words[w] = words[w] + jnp.where(key >= p, _U32(1 << (f * fbits)), _U32(0))
+            inb = (key >= lo) & (key < hi)
+            mn = jnp.minimum(mn, jnp.where(inb, key, _U32(0xFFFFFFFF)))
+            mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
+            return tuple(words), mn, mx
+
+        words, mn, mx = fold(fn, (tuple(jnp.zeros((tile,), _U32) for _ in range(n_words)),
+                                  jnp.full((tile,), 0xFFFFFFFF, _U32), jnp.zeros((tile,), _U32)))
+        counts = []
+        for w in range(n_words):
+            nf = min(per_word, P - w * per_word)
+            if fbits == 32:
+                counts.append(jnp.sum(words[w]).astype(_I32))
+            elif fbits == 16 and S < (1 << 16):
+                tot = jnp.sum(words[w])
+                counts += [(tot & 0xFFFF).astype(_I32), (tot >> 16).astype(_I32)][:nf]
+            elif fbits == 8 and S < (1 << 16):
+                fm = _U32(0x00FF00FF)
+                t02 = jnp.sum(words[w] & fm)
+                t13 = jnp.sum((words[w] >> 8) & fm) if nf > 1 else _U32(0)
+                counts += [(t02 & 0xFFFF).astype(_I32), (t13 & 0xFFFF).astype(_I32),
+                           (t02 >> 16).astype(_I32), (t13 >> 16).astype(_I32)][:nf]
+            else:
+                mask = _U32((1 << fbits) - 1)
+                counts += [jnp.sum((words[w] >> (f * fbits)) & mask).astype(_I32)
+                           for f in range(nf)]
+        return counts, jnp.min(mn), jnp.max(mx)
 
     # Initial bracket: everything valid is >= the min key; nothing is >= max + 1.
     kmax, kmin = fold(
@@ -170,6 +231,11 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, *, num_keys, k, cfg: TopKConfig):
         (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
     lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
 
+    if cfg.interpolate:
+      offsets = _probe_offsets(P)
+    else:
+      offsets = [(j + 1) / (P + 1) for j in range(P)]
+
     def cond(c):
       lo, hi, c_lo, _, _ = c
       return (c_lo != k) & (hi - lo > _U32(1))
@@ -177,25 +243,33 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, *, num_keys, k, cfg: TopKConfig):
     def body(c):
       lo, hi, c_lo, c_hi, bisect = c
       w = hi - lo                                        # >= 2
-      half = w >> 1
+      wf = w.astype(jnp.float32)
       if cfg.interpolate:
-        # Aim where a straight line through (lo, c_lo) and (hi, c_hi) crosses k.
-        frac = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
-        d = jnp.floor(frac * w.astype(jnp.float32))
-        d = jnp.clip(d, 1.0, w.astype(jnp.float32)).astype(_U32)
-        d = jnp.clip(d, _U32(1), w - _U32(1))
-        d = jnp.where(bisect, half, d)
+        # Probes around where a straight line through (lo, c_lo) and (hi, c_hi) crosses k,
+        # at geometrically spaced distances (1/4, 1/16, ... of the bracket) either side.
+        f0 = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
+        # A pass that did not halve the bracket is followed by one centred on its middle
+        # (which then shrinks it >= 2x, >= 4x for P >= 2): at most ~64 passes, typically 4-8.
+        f0 = jnp.where(bisect, jnp.float32(0.5), f0)
       else:
-        d = half
-      p = lo + d
-      c = count_ge(p)
-      up = c >= k
-      new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
-      # A probe that did not halve the bracket is followed by a bisection (and a bisection
-      # by a probe), so the search never takes more than ~64 passes.
-      slow = (new_hi - new_lo - _U32(1)) > half
-      return (new_lo, new_hi, jnp.where(up, c, c_lo), jnp.where(up, c_hi, c),
-              slow & jnp.logical_not(bisect))
+        f0 = jnp.float32(0.0)
+      probes = []
+      for t in offsets:
+        d = jnp.clip(jnp.floor((f0 + jnp.float32(t)) * wf), 1.0, wf).astype(_U32)
+        probes.append(lo + jnp.clip(d, _U32(1), w - _U32(1)))
+      counts, mn, mx = count_pass(probes, lo, hi)
+      new_lo, new_hi, new_clo, new_chi = lo, hi, c_lo, c_hi
+      for p, cnt in zip(probes, counts):
+        up = cnt >= k
+        raise_lo = up & (p > new_lo)
+        cut_hi = jnp.logical_not(up) & (p < new_hi)
+        new_lo, new_clo = jnp.where(raise_lo, p, new_lo), jnp.where(raise_lo, cnt, new_clo)
+        new_hi, new_chi = jnp.where(cut_hi, p, new_hi), jnp.where(cut_hi, cnt, new_chi)
+      # No key of the old bracket lies below mn or above mx: snapping the new bracket to them
+      # keeps both counts. A bracket holding one distinct value thus ends as [v, v + 1).
+      new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
+      slow = (new_hi - new_lo - _U32(1)) > (w >> 1)
+      return new_lo, new_hi, new_clo, new_chi, slow & jnp.logical_not(bisect)
 
     lo, hi, c_lo, c_hi, _ = lax.while_loop(
         cond, body, (lo, hi, n_valid, jnp.int32(0), jnp.bool_(False)))

@@ -120,13 +120,33 @@ def test_topk_pallas_order_and_tie_rule(case):
     topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4),    # streaming row
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
                            out_chunk=32),                             # bisection only
-], ids=["resident_tiles", "streaming", "bisection"])
+    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1),   # one probe a pass
+    topk_kernel.TopKConfig(tile=64, resident=False, num_warps=4, probes=3),   # odd probe count
+    topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
+                           probes=5),                                 # multisection
+    topk_kernel.TopKConfig(tile=2, resident=False, num_warps=4, probes=4),    # 16-bit lane counts
+], ids=["resident_tiles", "streaming", "bisection", "one_probe", "three_probes", "multisection",
+        "wide_lane_counts"])
 @pytest.mark.parametrize("case", ["distinct", "ties"])
 def test_topk_pallas_configs(config, case):
   x, ks, ke, k, lo, hi = _case(case, T=6, S=1000, k=100)
   out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
                                  interpret=True, config=config)
   np.testing.assert_array_equal(np.asarray(out), _expected_order(x, lo, hi, k))
+
+
+def test_topk_pallas_long_rows_interpret():
+  """S >= 2**16: per-probe block sums (counts no longer fit 16-bit pairs), streaming tiles."""
+  rng = np.random.default_rng(5)
+  T, S, k = 2, 70000, 2048
+  x = rng.standard_normal((T, S)).astype(np.float32)
+  x[1] = np.round(x[1] * 8) / 8   # ties at the threshold
+  ks = np.array([0, 1000], np.int32)
+  ke = np.array([S, S - 3], np.int32)
+  cfg = topk_kernel.TopKConfig(tile=8192, resident=False, num_warps=16)
+  out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
+                                 interpret=True, config=cfg)
+  np.testing.assert_array_equal(np.asarray(out), _expected_order(x, ks, ke, k))
 
 
 def test_topk_pallas_adversarial_values():
