@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/bench_topk.py [--smoke] [--out DIR] [--dist normal|ties|causal]
                                        [--no-xla] [--no-prefill] [--bisection]
-                                       [--tile N --warps N --streaming --probes N]
+                                       [--tile N --warps N --streaming --probes N
+                                        --compact C]
 
 - Top-k rows: rows x keys in {8192 x 8K, 4096 x 32K (the issue's 10x criterion),
   8192 x 32K, 8192 x 64K, 64 x 128K, 8 x 256K}, k = 2048, float32 N(0, 1) logits, full rows
@@ -59,7 +60,8 @@ def topk_rows(args, on_gpu):
                              resident=base.resident and not args.streaming,
                              num_warps=args.warps or base.num_warps,
                              interpolate=not args.bisection, out_chunk=base.out_chunk,
-                             probes=args.probes or base.probes)
+                             probes=args.probes or base.probes,
+                             compact=base.compact if args.compact < 0 else args.compact)
 
   shapes = (SMOKE_GPU if on_gpu else SMOKE_CPU) if args.smoke else FULL
   iters = 5 if args.smoke else 20
@@ -75,7 +77,8 @@ def topk_rows(args, on_gpu):
     ref = xla(x, ks, ke)
     same = bool((jnp.sort(out, axis=1) == jnp.sort(ref, axis=1)).all())
     row = dict(rows=T, keys=S, k=K, config=f"{'res' if used.resident else 'stream'}/t{used.tile}"
-               f"/w{used.num_warps}/p{used.probes}{'' if used.interpolate else '/bis'}", same_sets=same)
+               f"/w{used.num_warps}/p{used.probes}{f'/c{used.compact}' if used.compact else ''}"
+               f"{'' if used.interpolate else '/bis'}", same_sets=same)
     if on_gpu:
       t_p = common.time_fn(pallas, x, ks, ke, iters=iters)
       nbytes = T * S * 4
@@ -134,6 +137,8 @@ def main(argv=None):
   ap.add_argument("--warps", type=int, default=0)
   ap.add_argument("--streaming", action="store_true", help="re-read rows every pass")
   ap.add_argument("--probes", type=int, default=0, help="thresholds counted per pass")
+  ap.add_argument("--compact", type=int, default=-1,
+                  help="candidate budget C for the scratch (0: off; default: the config's)")
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   if not on_gpu and not args.smoke:

@@ -18,6 +18,11 @@ Per row (one program each), for the keys in [ks, ke):
    most ~64 passes; on normal, uniform or rounded data it takes 4-8 passes (the min/max pass
    included) at 8K-256K keys. It stops early as soon as a probe counts exactly k keys (then no
    tie handling is needed).
+   Candidate compaction (``compact`` = C, on for streaming rows): as soon as at most
+   W = k + C (whole tiles) keys are >= lo, one pass copies those keys and their indices,
+   ascending index, to a per-row scratch (an extra output, L2-resident while the row is
+   worked on), and the search and the last pass go on over the scratch: the row itself is
+   read 2-5 times plus that pass (N(0, 1) data, C = 2048) instead of 5-8 times plus the last.
 4. A last pass writes the indices by an in-tile prefix sum: first every key above the
    threshold (ascending index), then keys equal to the threshold (ascending index) until k
    slots are filled.
@@ -31,8 +36,8 @@ set equals the reference's whenever values are distinct, and whenever ties are b
 Two ways to hold the row, picked statically from S:
 - resident (S <= ``_RESIDENT_MAX``): the row is loaded once as a few tiles kept in registers
   (one CTA of up to 32 warps: 32 keys a thread) and every pass reads registers only.
-- streaming (longer rows): each pass reads the row's tiles again (from L2 once the first pass
-  has pulled them in), looping over the tiles that overlap [ks, ke) only.
+- streaming (longer rows): each pass reads the row's tiles again (from L2 while the rows in
+  flight fit it, else from HBM), looping over the tiles that overlap [ks, ke) only.
 
 A pass costs ~3 instructions a key per probe (compare, select, add into per-lane counts packed
 8 or 16 bits a probe), ~6 for the in-bracket min / max, and a few block-wide sums (two probes'
@@ -64,6 +69,10 @@ _MAX_TILE = 1 << 15     # per-tile prefix sums pack two 16-bit counts into one i
 warnings.filterwarnings("ignore", message=r".*Pallas Triton backend is deprecated.*")
 
 
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
 def _next_pow2(n: int) -> int:
   return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -81,6 +90,9 @@ class TopKConfig:
     out_chunk: output slots written per step by the few-valid path (a power of two).
     probes: thresholds counted per pass (P); more probes shrink the bracket faster for ~3
       more instructions a key each.
+    compact: candidate budget C (0: off). Once at most W = k + C (rounded up to whole
+      tiles) keys remain >= lo, one pass copies them to a per-row scratch of W keys and
+      indices, and the rest of the search and the write run over that scratch only.
   """
 
   tile: int
@@ -89,10 +101,13 @@ class TopKConfig:
   interpolate: bool = True
   out_chunk: int = 2048
   probes: int = 8
+  compact: int = 0
 
   def __post_init__(self):
     if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
       raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
+    if self.compact < 0:
+      raise ValueError(f"compact must be >= 0, got {self.compact}")
     if self.probes < 1:
       raise ValueError(f"probes must be >= 1, got {self.probes}")
     if self.out_chunk < 1 or self.out_chunk & (self.out_chunk - 1):
@@ -106,7 +121,7 @@ class TopKConfig:
     if width <= _RESIDENT_MAX:
       num_warps = min(max(width // 1024, 4), 32)
       return cls(tile=min(width, 4096), resident=True, num_warps=num_warps, out_chunk=out_chunk)
-    return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk)
+    return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk, compact=2048)
 
 
 def unsupported_reason(num_keys: int, k: int) -> str | None:
@@ -136,7 +151,8 @@ def _sortable_u32(x):
   return jnp.where(neg, ~u, u | _U32(0x80000000))
 
 
-def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, *, num_keys, k, cfg: TopKConfig):
+def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_keys, k,
+                 cfg: TopKConfig, barrier: bool = True):
   S, tile = num_keys, cfg.tile
   n_tiles = pl.cdiv(S, tile)
   row = pl.program_id(0)
@@ -181,121 +197,179 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, *, num_keys, k, cfg: TopKConfig):
       def fold(fn, init):
         return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
 
-    P = cfg.probes
-    # Per-lane counts never exceed the number of tiles folded; totals never exceed S. Pack
-    # several probes' counts into one uint32 per lane (fewer adds and registers), and two
-    # per word for the block-wide sums when S < 2**16.
-    fbits = 8 if n_tiles < (1 << 8) else 16 if n_tiles < (1 << 16) else 32
-    per_word = 32 // fbits
-    n_words = -(-P // per_word)
+    W = sk_ref.shape[1] if cfg.compact else 0
+    state = _search(fold, tile, n_tiles, S, k, cfg, _initial_bracket(fold, tile, n_valid),
+                    stop=W)
+    if not cfg.compact:
+      _write(fold, o_ref, row, k, state)
+      return
+    lo, hi, c_lo, c_hi, _ = state
+    ts = min(W, tile)
+    small = (c_lo <= W) & (c_lo != k) & (hi - lo > _U32(1))
 
-    def count_pass(probes, lo, hi):
-        """Counts of keys >= each probe, and min / max key in [lo, hi), in one pass."""
-        def fn(acc, key, _):
-            words, mn, mx = acc
-            words = list(words)
-            for j, p in enumerate(probes):
-                w, f = divmod(j, per_word)
-                words[w] = words[w] + jnp.where(key >= p, _U32(1 << (f * fbits)), _U32(0))
-            inb = (key >= lo) & (key < hi)
-            mn = jnp.minimum(mn, jnp.where(inb, key, _U32(0xFFFFFFFF)))
-            mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
-            return tuple(words), mn, mx
+    @pl.when(jnp.logical_not(small))
+    def _direct():
+      _write(fold, o_ref, row, k, state)
 
-        words, mn, mx = fold(fn, (tuple(jnp.zeros((tile,), _U32) for _ in range(n_words)),
-                                  jnp.full((tile,), 0xFFFFFFFF, _U32), jnp.zeros((tile,), _U32)))
-        counts = []
-        for w in range(n_words):
-            nf = min(per_word, P - w * per_word)
-            if fbits == 32:
-                counts.append(jnp.sum(words[w]).astype(_I32))
-            elif fbits == 16 and S < (1 << 16):
-                tot = jnp.sum(words[w])
-                counts += [(tot & 0xFFFF).astype(_I32), (tot >> 16).astype(_I32)][:nf]
-            elif fbits == 8 and S < (1 << 16):
-                fm = _U32(0x00FF00FF)
-                t02 = jnp.sum(words[w] & fm)
-                t13 = jnp.sum((words[w] >> 8) & fm) if nf > 1 else _U32(0)
-                counts += [(t02 & 0xFFFF).astype(_I32), (t13 & 0xFFFF).astype(_I32),
-                           (t02 >> 16).astype(_I32), (t13 >> 16).astype(_I32)][:nf]
-            else:
-                mask = _U32((1 << fbits) - 1)
-                counts += [jnp.sum((words[w] >> (f * fbits)) & mask).astype(_I32)
-                           for f in range(nf)]
-        return counts, jnp.min(mn), jnp.max(mx)
+    @pl.when(small)
+    def _compacted():
+      # One pass copies the c_lo <= W keys >= lo (and their indices), ascending index, to the
+      # row's scratch; the search and the write go on over those few keys only, in the same
+      # order, so the result is the one the full row would give.
+      def compact(off, key, idx):
+        keep = key >= lo
+        cs = jnp.cumsum(keep.astype(_I32))
+        pos = jnp.where(keep, off + cs - 1, W)
+        plt.store(sk_ref.at[row, pos], key, mask=keep)
+        plt.store(si_ref.at[row, pos], idx, mask=keep)
+        return off + jnp.max(cs)
 
-    # Initial bracket: everything valid is >= the min key; nothing is >= max + 1.
-    kmax, kmin = fold(
-        lambda acc, key, idx: (jnp.maximum(acc[0], key),
-                               jnp.minimum(acc[1], jnp.where(key > 0, key, _U32(0xFFFFFFFF)))),
-        (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
-    lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
+      fold(compact, jnp.int32(0))
+      if barrier:   # the scratch is read back by other threads (interpret mode: no threads)
+        plt.debug_barrier()
+      lane_s = lax.broadcasted_iota(_I32, (ts,), 0)
 
-    if cfg.interpolate:
-      offsets = _probe_offsets(P)
+      def fold_s(fn, init):
+        def step(t, acc):
+          j = t * ts + lane_s
+          m = j < c_lo
+          key = plt.load(sk_ref.at[row, pl.ds(pl.multiple_of(t * ts, ts), ts)], mask=m,
+                         other=0)
+          idx = plt.load(si_ref.at[row, pl.ds(pl.multiple_of(t * ts, ts), ts)], mask=m,
+                         other=0)
+          return fn(acc, jnp.where(m, key, _U32(0)), idx)
+        return lax.fori_loop(0, pl.cdiv(c_lo, ts), step, init)
+
+      st = _search(fold_s, ts, W // ts, W, k, cfg, state, stop=0)
+      _write(fold_s, o_ref, row, k, st)
+
+
+def _initial_bracket(fold, tile, n_valid):
+  """Everything valid is >= the min key; nothing is >= max + 1 (one pass)."""
+  kmax, kmin = fold(
+      lambda acc, key, idx: (jnp.maximum(acc[0], key),
+                             jnp.minimum(acc[1], jnp.where(key > 0, key, _U32(0xFFFFFFFF)))),
+      (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
+  lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
+  return lo, hi, n_valid, jnp.int32(0), jnp.bool_(False)
+
+
+def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi):
+  """Counts of keys >= each probe, and the min / max key in [lo, hi), in one pass.
+
+  A lane's count never exceeds ``n_tiles`` (the tiles folded) and a total never exceeds
+  ``n_max``: several probes' counts share one uint32 per lane (fewer adds and registers), and
+  two totals share one block-wide sum when ``n_max < 2**16``.
+  """
+  fbits = 8 if n_tiles < (1 << 8) else 16 if n_tiles < (1 << 16) else 32
+  per_word = 32 // fbits
+  n_words = -(-P // per_word)
+
+  def fn(acc, key, _):
+    words, mn, mx = acc
+    words = list(words)
+    for j, p in enumerate(probes):
+      w, f = divmod(j, per_word)
+      words[w] = words[w] + jnp.where(key >= p, _U32(1 << (f * fbits)), _U32(0))
+    inb = (key >= lo) & (key < hi)
+    mn = jnp.minimum(mn, jnp.where(inb, key, _U32(0xFFFFFFFF)))
+    mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
+    return tuple(words), mn, mx
+
+  words, mn, mx = fold(fn, (tuple(jnp.zeros((tile,), _U32) for _ in range(n_words)),
+                            jnp.full((tile,), 0xFFFFFFFF, _U32), jnp.zeros((tile,), _U32)))
+  counts = []
+  for w in range(n_words):
+    nf = min(per_word, P - w * per_word)
+    if fbits == 32:
+      counts.append(jnp.sum(words[w]).astype(_I32))
+    elif fbits == 16 and n_max < (1 << 16):
+      tot = jnp.sum(words[w])
+      counts += [(tot & 0xFFFF).astype(_I32), (tot >> 16).astype(_I32)][:nf]
+    elif fbits == 8 and n_max < (1 << 16):
+      fm = _U32(0x00FF00FF)
+      t02 = jnp.sum(words[w] & fm)
+      t13 = jnp.sum((words[w] >> 8) & fm) if nf > 1 else _U32(0)
+      counts += [(t02 & 0xFFFF).astype(_I32), (t13 & 0xFFFF).astype(_I32),
+                 (t02 >> 16).astype(_I32), (t13 >> 16).astype(_I32)][:nf]
     else:
-      offsets = [(j + 1) / (P + 1) for j in range(P)]
+      mask = _U32((1 << fbits) - 1)
+      counts += [jnp.sum((words[w] >> (f * fbits)) & mask).astype(_I32) for f in range(nf)]
+  return counts, jnp.min(mn), jnp.max(mx)
 
-    def cond(c):
-      lo, hi, c_lo, _, _ = c
-      return (c_lo != k) & (hi - lo > _U32(1))
 
-    def body(c):
-      lo, hi, c_lo, c_hi, bisect = c
-      w = hi - lo                                        # >= 2
-      wf = w.astype(jnp.float32)
-      if cfg.interpolate:
-        # Probes around where a straight line through (lo, c_lo) and (hi, c_hi) crosses k,
-        # at geometrically spaced distances (1/4, 1/16, ... of the bracket) either side.
-        f0 = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
-        # A pass that did not halve the bracket is followed by one centred on its middle
-        # (which then shrinks it >= 2x, >= 4x for P >= 2): at most ~64 passes, typically 4-8.
-        f0 = jnp.where(bisect, jnp.float32(0.5), f0)
-      else:
-        f0 = jnp.float32(0.0)
-      probes = []
-      for t in offsets:
-        d = jnp.clip(jnp.floor((f0 + jnp.float32(t)) * wf), 1.0, wf).astype(_U32)
-        probes.append(lo + jnp.clip(d, _U32(1), w - _U32(1)))
-      counts, mn, mx = count_pass(probes, lo, hi)
-      new_lo, new_hi, new_clo, new_chi = lo, hi, c_lo, c_hi
-      for p, cnt in zip(probes, counts):
-        up = cnt >= k
-        raise_lo = up & (p > new_lo)
-        cut_hi = jnp.logical_not(up) & (p < new_hi)
-        new_lo, new_clo = jnp.where(raise_lo, p, new_lo), jnp.where(raise_lo, cnt, new_clo)
-        new_hi, new_chi = jnp.where(cut_hi, p, new_hi), jnp.where(cut_hi, cnt, new_chi)
-      # No key of the old bracket lies below mn or above mx: snapping the new bracket to them
-      # keeps both counts. A bracket holding one distinct value thus ends as [v, v + 1).
-      new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
-      slow = (new_hi - new_lo - _U32(1)) > (w >> 1)
-      return new_lo, new_hi, new_clo, new_chi, slow & jnp.logical_not(bisect)
+def _search(fold, tile, n_tiles, n_max, k, cfg, state, stop):
+  """Narrows (lo, hi, c_lo, c_hi, bisect) until c_lo == k, hi == lo + 1 or c_lo <= stop."""
+  P = cfg.probes
+  if cfg.interpolate:
+    offsets = _probe_offsets(P)
+  else:
+    offsets = [(j + 1) / (P + 1) for j in range(P)]
 
-    lo, hi, c_lo, c_hi, _ = lax.while_loop(
-        cond, body, (lo, hi, n_valid, jnp.int32(0), jnp.bool_(False)))
+  def cond(c):
+    lo, hi, c_lo, _, _ = c
+    go = (c_lo != k) & (hi - lo > _U32(1))
+    return go & (c_lo > stop) if stop else go
 
-    # Either exactly k keys are >= lo, or lo is the k-th largest key itself (hi == lo + 1):
-    # then the c_hi keys above it go first and ties at lo fill the rest, lowest index first.
-    exact = c_lo == k
-    g = jnp.where(exact, lo, hi)
-    c_g = jnp.where(exact, k, c_hi)
+  def body(c):
+    lo, hi, c_lo, c_hi, bisect = c
+    w = hi - lo                                        # >= 2
+    wf = w.astype(jnp.float32)
+    if cfg.interpolate:
+      # Probes around where a straight line through (lo, c_lo) and (hi, c_hi) crosses k,
+      # at geometrically spaced distances (1/4, 1/16, ... of the bracket) either side.
+      f0 = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
+      # A pass that did not halve the bracket is followed by one centred on its middle
+      # (which then shrinks it >= 2x, >= 4x for P >= 2): at most ~64 passes, typically 4-8.
+      f0 = jnp.where(bisect, jnp.float32(0.5), f0)
+    else:
+      f0 = jnp.float32(0.0)
+    probes = []
+    for t in offsets:
+      d = jnp.clip(jnp.floor((f0 + jnp.float32(t)) * wf), 1.0, wf).astype(_U32)
+      probes.append(lo + jnp.clip(d, _U32(1), w - _U32(1)))
+    counts, mn, mx = _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi)
+    new_lo, new_hi, new_clo, new_chi = lo, hi, c_lo, c_hi
+    for p, cnt in zip(probes, counts):
+      up = cnt >= k
+      raise_lo = up & (p > new_lo)
+      cut_hi = jnp.logical_not(up) & (p < new_hi)
+      new_lo, new_clo = jnp.where(raise_lo, p, new_lo), jnp.where(raise_lo, cnt, new_clo)
+      new_hi, new_chi = jnp.where(cut_hi, p, new_hi), jnp.where(cut_hi, cnt, new_chi)
+    # No key of the old bracket lies below mn or above mx: snapping the new bracket to them
+    # keeps both counts. A bracket holding one distinct value thus ends as [v, v + 1).
+    new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
+    slow = (new_hi - new_lo - _U32(1)) > (w >> 1)
+    return new_lo, new_hi, new_clo, new_chi, slow & jnp.logical_not(bisect)
 
-    def write(acc, key, idx):
-      off_sure, off_tie = acc
-      sure = key >= g
-      tie = (key == lo) & jnp.logical_not(exact)
-      cs = jnp.cumsum(sure.astype(_I32) + (tie.astype(_I32) << 16))
-      p_sure = off_sure + (cs & 0xFFFF) - 1
-      p_tie = c_g + off_tie + (cs >> 16) - 1
-      pos = jnp.where(sure, p_sure, p_tie)
-      m = sure | (tie & (p_tie < k))
-      # Masked lanes point past the row: a GPU store skips them, and interpret mode, which
-      # scatters every lane, drops out-of-bounds updates instead of clobbering a slot.
-      plt.store(o_ref.at[row, jnp.where(m, pos, k)], idx, mask=m)
-      total = jnp.max(cs)
-      return off_sure + (total & 0xFFFF), off_tie + (total >> 16)
+  return lax.while_loop(cond, body, state)
 
-    fold(write, (jnp.int32(0), jnp.int32(0)))
+
+def _write(fold, o_ref, row, k, state):
+  """The last pass: the k indices, in the documented order (see the module docstring)."""
+  lo, hi, c_lo, c_hi, _ = state
+  # Either exactly k keys are >= lo, or lo is the k-th largest key itself (hi == lo + 1):
+  # then the c_hi keys above it go first and ties at lo fill the rest, lowest index first.
+  exact = c_lo == k
+  g = jnp.where(exact, lo, hi)
+  c_g = jnp.where(exact, k, c_hi)
+
+  def write(acc, key, idx):
+    off_sure, off_tie = acc
+    sure = key >= g
+    tie = (key == lo) & jnp.logical_not(exact)
+    cs = jnp.cumsum(sure.astype(_I32) + (tie.astype(_I32) << 16))
+    p_sure = off_sure + (cs & 0xFFFF) - 1
+    p_tie = c_g + off_tie + (cs >> 16) - 1
+    pos = jnp.where(sure, p_sure, p_tie)
+    m = sure | (tie & (p_tie < k))
+    # Masked lanes point past the row: a GPU store skips them, and interpret mode, which
+    # scatters every lane, drops out-of-bounds updates instead of clobbering a slot.
+    plt.store(o_ref.at[row, jnp.where(m, pos, k)], idx, mask=m)
+    total = jnp.max(cs)
+    return off_sure + (total & 0xFFFF), off_tie + (total >> 16)
+
+  fold(write, (jnp.int32(0), jnp.int32(0)))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "config"))
@@ -324,14 +398,20 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
   if why:
     raise ValueError(f"topk kernel: {why}")
   cfg = config or TopKConfig.default(S, k)
-  kernel = functools.partial(_topk_kernel, num_keys=S, k=k, cfg=cfg)
-  return pl.pallas_call(
+  kernel = functools.partial(_topk_kernel, num_keys=S, k=k, cfg=cfg, barrier=not interpret)
+  out_shape = [jax.ShapeDtypeStruct((T, k), jnp.int32)]
+  if cfg.compact:
+    # Per-row candidate scratch (keys, indices): written and read back by the row's program.
+    W = _round_up(k + cfg.compact, min(cfg.tile, _next_pow2(k + cfg.compact)))
+    out_shape += [jax.ShapeDtypeStruct((T, W), _U32), jax.ShapeDtypeStruct((T, W), _I32)]
+  out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((T, k), jnp.int32),
+      out_shape=out_shape,
       grid=(T,),
       in_specs=[pl.no_block_spec] * 3,
-      out_specs=pl.no_block_spec,
+      out_specs=[pl.no_block_spec] * len(out_shape),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
       interpret=interpret,
       name="nsa_topk",
   )(ks.astype(_I32), ke.astype(_I32), logits.astype(jnp.float32))
+  return out[0]

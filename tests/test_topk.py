@@ -125,8 +125,11 @@ def test_topk_pallas_order_and_tie_rule(case):
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
                            probes=5),                                 # multisection
     topk_kernel.TopKConfig(tile=2, resident=False, num_warps=4, probes=4),    # 16-bit lane counts
+    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, compact=64),  # scratch tiles
+    topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, compact=100,
+                           probes=2),                                 # one scratch tile
 ], ids=["resident_tiles", "streaming", "bisection", "one_probe", "three_probes", "multisection",
-        "wide_lane_counts"])
+        "wide_lane_counts", "compact", "compact_one_tile"])
 @pytest.mark.parametrize("case", ["distinct", "ties"])
 def test_topk_pallas_configs(config, case):
   x, ks, ke, k, lo, hi = _case(case, T=6, S=1000, k=100)
@@ -136,16 +139,17 @@ def test_topk_pallas_configs(config, case):
 
 
 def test_topk_pallas_long_rows_interpret():
-  """S >= 2**16: per-probe block sums (counts no longer fit 16-bit pairs), streaming tiles."""
+  """S >= 2**16 with the default (streaming, compacting) config: per-probe block sums (counts
+  no longer fit 16-bit pairs), then the search over the candidate scratch."""
   rng = np.random.default_rng(5)
   T, S, k = 2, 70000, 2048
   x = rng.standard_normal((T, S)).astype(np.float32)
   x[1] = np.round(x[1] * 8) / 8   # ties at the threshold
   ks = np.array([0, 1000], np.int32)
   ke = np.array([S, S - 3], np.int32)
-  cfg = topk_kernel.TopKConfig(tile=8192, resident=False, num_warps=16)
+  assert topk_kernel.TopKConfig.default(S, k).compact
   out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
-                                 interpret=True, config=cfg)
+                                 interpret=True)
   np.testing.assert_array_equal(np.asarray(out), _expected_order(x, ks, ke, k))
 
 
