@@ -187,8 +187,8 @@ def demo(args, log=print) -> dict:
       f"{cfg.use_hadamard}, rope YaRN x{cfg.rope_factor:g}")
   steps = IndexerSteps(module, backend=args.backend, budget_bytes=args.budget_bytes)
   log(f"memory budget for prefill logits: {_fmt_bytes(steps.budget_bytes)} "
-      f"({'given' if args.budget_bytes else 'measured once on ' + str(jax.devices()[0])}, "
-      f"cached; chunking skipped below {nsa_jax.budget.SKIP_CHUNK_ELEMENTS:,} logits)")
+      f"({'from --budget-bytes' if args.budget_bytes else 'measured once on ' + str(jax.devices()[0]) + ' and cached'}"
+      f"; chunking skipped below {nsa_jax.budget.SKIP_CHUNK_ELEMENTS:,} logits)")
 
   capacity = [p + e + args.decode_steps * n for p, e in zip(prefix, ext)]
   tables, num_pages = allocate_block_tables(capacity, seed=args.seed)
