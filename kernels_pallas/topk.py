@@ -8,12 +8,14 @@ Per row (one program each), for the keys in [ks, ke):
    a single logit.
 3. Otherwise the k-th largest key is found exactly by a bracket search: ``lo`` with
    count(key >= lo) >= k and ``hi`` with count(key >= hi) < k, starting from the row's min
-   and max + 1. Each pass over the row counts the keys >= each of ``P`` probes (default 8) and
-   takes the min and max key inside the current bracket. The probes sit around where a straight
+   and max + 1. Each pass over the row counts the keys >= each of ``P`` probes (4 for resident
+   rows, 8 for streaming ones) and, after a pass that left both counts unchanged, the min
+   and max key inside the current bracket. The probes sit around where a straight
    line through (lo, count(lo)) and (hi, count(hi)) crosses k (regula falsi), at 1/4, 1/16,
    1/64, ... of the bracket either side; the new bracket is the tightest pair of probes around
-   the threshold, then snapped to the old bracket's min / max key (no count changes: no key lies
-   in between), so a bracket that holds one distinct value closes at once (ties). A pass that
+   the threshold, then (when they were taken) snapped to the old bracket's min / max key (no
+   count changes: no key lies in between), so a bracket that holds one distinct value closes
+   within two passes (ties). A pass that
    fails to halve the bracket is followed by one centred on its middle, so the search takes at
    most ~64 passes; on normal, uniform or rounded data it takes 4-8 passes (the min/max pass
    included) at 8K-256K keys. It stops early as soon as a probe counts exactly k keys (then no
@@ -40,8 +42,10 @@ Two ways to hold the row, picked statically from S:
   flight fit it, else from HBM), looping over the tiles that overlap [ks, ke) only.
 
 A pass costs ~3 instructions a key per probe (compare, select, add into per-lane counts packed
-8 or 16 bits a probe), ~6 for the in-bracket min / max, and a few block-wide sums (two probes'
-totals share one 32-bit sum when S < 2**16), so the kernel's time is (1 HBM read of the row) +
+8 or 16 bits a probe), ~6 more when it takes the in-bracket min / max, and a few block-wide
+sums (two probes' totals share one 32-bit sum when S < 2**16), so more probes trade ALU (it
+matters for register-resident rows) for fewer passes (it matters for streaming ones); the
+kernel's time is (1 HBM read of the row) +
 (number of passes) x (register or L2/HBM sweep); see
 ``benchmarks/NOTES.md`` for the floor and the measured figures.
 """
@@ -115,12 +119,15 @@ class TopKConfig:
 
   @classmethod
   def default(cls, num_keys: int, k: int) -> "TopKConfig":
-    """A register-resident row up to 32K keys (32 keys a thread), else a streaming row."""
+    """A register-resident row up to 32K keys (32 keys a thread, 4 probes a pass), else a
+    streaming row (8 probes a pass, candidate compaction with C = 2048)."""
     out_chunk = min(_next_pow2(k), 2048)
     width = _next_pow2(num_keys)
     if width <= _RESIDENT_MAX:
       num_warps = min(max(width // 1024, 4), 32)
-      return cls(tile=min(width, 4096), resident=True, num_warps=num_warps, out_chunk=out_chunk)
+      # 2048-key tiles up to 8K keys keep a w8 program at <= 128 registers (2 per SM).
+      tile = min(width, 2048 if width <= 8192 else 4096)
+      return cls(tile=tile, resident=True, num_warps=num_warps, out_chunk=out_chunk, probes=4)
     return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk, compact=2048)
 
 
@@ -203,7 +210,7 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
     if not cfg.compact:
       _write(fold, o_ref, row, k, state)
       return
-    lo, hi, c_lo, c_hi, _ = state
+    lo, hi, c_lo, c_hi, _, _ = state
     ts = min(W, tile)
     small = (c_lo <= W) & (c_lo != k) & (hi - lo > _U32(1))
 
@@ -251,11 +258,11 @@ def _initial_bracket(fold, tile, n_valid):
                              jnp.minimum(acc[1], jnp.where(key > 0, key, _U32(0xFFFFFFFF)))),
       (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
   lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
-  return lo, hi, n_valid, jnp.int32(0), jnp.bool_(False)
+  return lo, hi, n_valid, jnp.int32(0), jnp.bool_(False), jnp.bool_(False)
 
 
-def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi):
-  """Counts of keys >= each probe, and the min / max key in [lo, hi), in one pass.
+def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=True):
+  """Counts of keys >= each probe, and (if snap) the min / max key in [lo, hi), in one pass.
 
   A lane's count never exceeds ``n_tiles`` (the tiles folded) and a total never exceeds
   ``n_max``: several probes' counts share one uint32 per lane (fewer adds and registers), and
@@ -271,9 +278,10 @@ def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi):
     for j, p in enumerate(probes):
       w, f = divmod(j, per_word)
       words[w] = words[w] + jnp.where(key >= p, _U32(1 << (f * fbits)), _U32(0))
-    inb = (key >= lo) & (key < hi)
-    mn = jnp.minimum(mn, jnp.where(inb, key, _U32(0xFFFFFFFF)))
-    mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
+    if snap:
+      inb = (key >= lo) & (key < hi)
+      mn = jnp.minimum(mn, jnp.where(inb, key, _U32(0xFFFFFFFF)))
+      mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
     return tuple(words), mn, mx
 
   words, mn, mx = fold(fn, (tuple(jnp.zeros((tile,), _U32) for _ in range(n_words)),
@@ -295,6 +303,9 @@ def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi):
     else:
       mask = _U32((1 << fbits) - 1)
       counts += [jnp.sum((words[w] >> (f * fbits)) & mask).astype(_I32) for f in range(nf)]
+  if not snap:   # no snapping: max(new_lo, 0) and min(new_hi, 0xFFFFFFFF) change nothing
+    zero = lo - lo   # traced: a Triton scf.if cannot yield a bare constant
+    return counts, zero, zero + _U32(0xFFFFFFFE)
   return counts, jnp.min(mn), jnp.max(mx)
 
 
@@ -307,12 +318,12 @@ def _search(fold, tile, n_tiles, n_max, k, cfg, state, stop):
     offsets = [(j + 1) / (P + 1) for j in range(P)]
 
   def cond(c):
-    lo, hi, c_lo, _, _ = c
+    lo, hi, c_lo, _, _, _ = c
     go = (c_lo != k) & (hi - lo > _U32(1))
     return go & (c_lo > stop) if stop else go
 
   def body(c):
-    lo, hi, c_lo, c_hi, bisect = c
+    lo, hi, c_lo, c_hi, bisect, stuck = c
     w = hi - lo                                        # >= 2
     wf = w.astype(jnp.float32)
     if cfg.interpolate:
@@ -328,7 +339,12 @@ def _search(fold, tile, n_tiles, n_max, k, cfg, state, stop):
     for t in offsets:
       d = jnp.clip(jnp.floor((f0 + jnp.float32(t)) * wf), 1.0, wf).astype(_U32)
       probes.append(lo + jnp.clip(d, _U32(1), w - _U32(1)))
-    counts, mn, mx = _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi)
+    # The in-bracket min / max (~6 more instructions a key) only after a pass that left the
+    # counts unchanged: the bracket then likely holds one distinct value (ties).
+    counts, mn, mx = lax.cond(
+        stuck,
+        lambda: _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=True),
+        lambda: _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=False))
     new_lo, new_hi, new_clo, new_chi = lo, hi, c_lo, c_hi
     for p, cnt in zip(probes, counts):
       up = cnt >= k
@@ -340,14 +356,15 @@ def _search(fold, tile, n_tiles, n_max, k, cfg, state, stop):
     # keeps both counts. A bracket holding one distinct value thus ends as [v, v + 1).
     new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
     slow = (new_hi - new_lo - _U32(1)) > (w >> 1)
-    return new_lo, new_hi, new_clo, new_chi, slow & jnp.logical_not(bisect)
+    stuck = (new_clo == c_lo) & (new_chi == c_hi)
+    return new_lo, new_hi, new_clo, new_chi, slow & jnp.logical_not(bisect), stuck
 
   return lax.while_loop(cond, body, state)
 
 
 def _write(fold, o_ref, row, k, state):
   """The last pass: the k indices, in the documented order (see the module docstring)."""
-  lo, hi, c_lo, c_hi, _ = state
+  lo, hi, c_lo, c_hi, _, _ = state
   # Either exactly k keys are >= lo, or lo is the k-th largest key itself (hi == lo + 1):
   # then the c_hi keys above it go first and ties at lo fill the rest, lowest index first.
   exact = c_lo == k
