@@ -3,7 +3,7 @@
 Usage: python benchmarks/bench_topk.py [--smoke] [--out DIR] [--dist normal|ties|causal]
                                        [--no-xla] [--no-prefill] [--bisection]
                                        [--tile N --warps N --streaming --probes N
-                                        --compact C]
+                                        --compact C --shapes 4096x32768,8x262144]
 
 - Top-k rows: rows x keys in {8192 x 8K, 4096 x 32K (the issue's 10x criterion),
   8192 x 32K, 8192 x 64K, 64 x 128K, 8 x 256K}, k = 2048, float32 N(0, 1) logits, full rows
@@ -64,6 +64,8 @@ def topk_rows(args, on_gpu):
                              compact=base.compact if args.compact < 0 else args.compact)
 
   shapes = (SMOKE_GPU if on_gpu else SMOKE_CPU) if args.smoke else FULL
+  if args.shapes:
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
   iters = 5 if args.smoke else 20
   copy_tbs = common.COPY_CEILING_TBS
   rows = []
@@ -137,6 +139,7 @@ def main(argv=None):
   ap.add_argument("--warps", type=int, default=0)
   ap.add_argument("--streaming", action="store_true", help="re-read rows every pass")
   ap.add_argument("--probes", type=int, default=0, help="thresholds counted per pass")
+  ap.add_argument("--shapes", default="", help="rows x keys list, e.g. 4096x32768,8x262144")
   ap.add_argument("--compact", type=int, default=-1,
                   help="candidate budget C for the scratch (0: off; default: the config's)")
   args = ap.parse_args(argv)
