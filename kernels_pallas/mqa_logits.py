@@ -293,8 +293,10 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   tiles = jnp.pad(tiles, (0, pl.cdiv(num_q_blocks, G) * G - num_q_blocks))
   total = tiles.reshape(-1, G).sum(axis=0).astype(jnp.int32)
   # TMA needs 16-byte row strides: for S % 4 != 0 the kernel writes a wider array that is
-  # sliced (one extra copy, only for such S).
-  S_out = pl.cdiv(S, 4) * 4
+  # sliced (one extra copy, only for such S). One-row tiles (block_q = 1, i.e. H = 128) pad
+  # to whole key tiles: on the H100 a one-row TMA store was seen not to be clipped at the
+  # row end (paged kernel), so no tile may cross it.
+  S_out = pl.cdiv(S, 4) * 4 if BQ > 1 else pl.cdiv(S, BKV) * BKV
   call = _build(T, T_pad, S, S_out, H, D, cfg, clean_logits, G, interpret or None)
   out = call(q_fp8.reshape(T * H, D), k_fp8, k_scale, weights.reshape(T * H), ks, ke, lo, hi,
              total)

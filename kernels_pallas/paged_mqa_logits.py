@@ -31,8 +31,13 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
 - Bad values never read out of bounds: a page id outside ``[0, num_pages)`` or a page past the
   block table's width is clamped for the load and its tokens are -inf; tokens past the
   context are -inf and their pages are never loaded.
-- The output width is padded to a multiple of 4 floats when needed (TMA wants 16-byte row
-  strides) and sliced back.
+- The output width is padded to whole pages (a multiple of 64 floats) when needed and sliced
+  back, so that no page store ever crosses the end of a row. Measured on the H100: with only
+  16-byte padding, a one-row (next_n = 1) TMA store of the last, partial page was not clipped
+  at the row end and wrote its tail into the first columns of the next request's row (and,
+  for the last request, past the array); two-row boxes were clipped. The slice costs one
+  copy of the logits (4 bytes per token and query against 132 read) only when
+  max_context_len % 64 != 0.
 
 What the CUDA cross-lowering on a CPU-only jax 0.11.2 accepts (checked by the tests; it runs
 layout inference and the wgmma/TMA checks but not ptxas, so registers and the SMEM limit only
@@ -231,7 +236,7 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
   cfg = config or default_config(B, L)
   out_pages = -(-L // PAGE)
   splits = -(-out_pages // cfg.pages_per_split)
-  Lp = -(-L // 4) * 4
+  Lp = out_pages * PAGE  # whole pages: see the module docstring
   num_pages, max_pages = k_pages.shape[0], block_tables.shape[1]
   body = functools.partial(_kernel, n=n, H=H, num_pages=num_pages, max_pages=max_pages,
                            out_pages=out_pages, config=cfg, clean=clean_logits)

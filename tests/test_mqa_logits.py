@@ -194,7 +194,7 @@ def _gpu_problem(T, S, H, causal, seed):
 @pytest.mark.parametrize("T,S,H,causal", [
     (1, 4096, 64, True), (300, 1001, 64, False), (300, 4099, 32, True), (2048, 8192, 64, True),
     (2048, 8192, 32, False), (8192, 32768, 64, True), (8192, 65536, 64, True),
-    (8192, 16384, 32, False)])
+    (8192, 16384, 32, False), (300, 1001, 128, False)])
 def test_kernel_gpu_matches_reference(T, S, H, causal):
   args = _gpu_problem(T, S, H, causal, seed=T + S + H)
   ref = jax.jit(lambda *a: reference.mqa_logits(*a))(*args)
