@@ -8,8 +8,20 @@ Per row (one program each), for the keys in [ks, ke):
    a single logit.
 3. Otherwise the k-th largest key is found exactly by a bracket search: ``lo`` with
    count(key >= lo) >= k and ``hi`` with count(key >= hi) < k, starting from the row's min
-   and max + 1. Each pass over the row counts the keys >= each of ``P`` probes (4 for resident
-   rows, 8 for streaming ones) and, after a pass that left both counts unchanged, the min
+   and max + 1. Two searches, picked statically by the config:
+   Single-probe search (``probes`` = 1 and no compaction; the default for resident rows):
+   each pass counts the keys >= one probe, placed where a straight line through
+   (lo, count(lo)) and (hi, count(hi)) crosses k (regula falsi); a probe that fails to halve
+   the bracket is followed by a plain bisection, so the search takes at most 64 passes,
+   typically far fewer. No in-bracket min / max is taken. Resident rows use it because the
+   multi-probe passes measured slower there (H100, k = 2048, normal logits, median of 20:
+   8192 x 8192 0.71 ms with this search vs 0.85 / 1.22 / 1.20 ms multi-probe with P = 1 /
+   2 / 4; 4096 x 32768 1.28 ms vs 1.64 / 2.69 / 2.53 ms): register sweeps are ALU-bound,
+   so fewer passes do not pay for ~3 more instructions a key per probe.
+   Multi-probe search (``probes`` > 1 or compaction; the default for streaming rows, where
+   each pass re-reads the row from L2 / HBM):
+   each pass over the row counts the keys >= each of ``P`` probes (8 for streaming
+   rows) and, after a pass that left both counts unchanged, the min
    and max key inside the current bracket. The probes sit around where a straight
    line through (lo, count(lo)) and (hi, count(hi)) crosses k (regula falsi), at 1/4, 1/16,
    1/64, ... of the bracket either side; the new bracket is the tightest pair of probes around
@@ -18,8 +30,8 @@ Per row (one program each), for the keys in [ks, ke):
    within two passes (ties). A pass that
    fails to halve the bracket is followed by one centred on its middle, so the search takes at
    most ~64 passes; on normal, uniform or rounded data it takes 4-8 passes (the min/max pass
-   included) at 8K-256K keys. It stops early as soon as a probe counts exactly k keys (then no
-   tie handling is needed).
+   included) at 8K-256K keys. Both searches stop early as soon as a probe counts exactly k
+   keys (then no tie handling is needed).
    Candidate compaction (``compact`` = C, on for streaming rows): as soon as at most
    W = k + C (whole tiles) keys are >= lo, one pass copies those keys and their indices,
    ascending index, to a per-row scratch (an extra output, L2-resident while the row is
@@ -41,11 +53,12 @@ Two ways to hold the row, picked statically from S:
 - streaming (longer rows): each pass reads the row's tiles again (from L2 while the rows in
   flight fit it, else from HBM), looping over the tiles that overlap [ks, ke) only.
 
-A pass costs ~3 instructions a key per probe (compare, select, add into per-lane counts packed
+A single-probe pass costs ~3 instructions a key plus one block-wide sum. A multi-probe pass
+costs ~3 instructions a key per probe (compare, select, add into per-lane counts packed
 8 or 16 bits a probe), ~6 more when it takes the in-bracket min / max, and a few block-wide
 sums (two probes' totals share one 32-bit sum when S < 2**16), so more probes trade ALU (it
-matters for register-resident rows) for fewer passes (it matters for streaming ones); the
-kernel's time is (1 HBM read of the row) +
+matters for register-resident rows, hence one probe there) for fewer passes (it matters for
+streaming ones); the kernel's time is (1 HBM read of the row) +
 (number of passes) x (register or L2/HBM sweep); see
 ``benchmarks/NOTES.md`` for the floor and the measured figures.
 """
@@ -90,10 +103,11 @@ class TopKConfig:
     resident: hold all ``ceil(S / tile)`` tiles in registers (else re-read them every pass).
     num_warps: warps per row-program.
     interpolate: probes around the regula-falsi estimate (else evenly spaced probes:
-      multisection, ~32 / log2(P + 1) passes).
+      multisection, ~32 / log2(P + 1) passes; plain bisection for the single-probe search).
     out_chunk: output slots written per step by the few-valid path (a power of two).
     probes: thresholds counted per pass (P); more probes shrink the bracket faster for ~3
-      more instructions a key each.
+      more instructions a key each. ``probes=1`` with ``compact=0`` runs the single-probe
+      search (regula falsi / bisection, no in-bracket min / max; see the module docstring).
     compact: candidate budget C (0: off). Once at most W = k + C (rounded up to whole
       tiles) keys remain >= lo, one pass copies them to a per-row scratch of W keys and
       indices, and the rest of the search and the write run over that scratch only.
@@ -119,15 +133,16 @@ class TopKConfig:
 
   @classmethod
   def default(cls, num_keys: int, k: int) -> "TopKConfig":
-    """A register-resident row up to 32K keys (32 keys a thread, 4 probes a pass), else a
-    streaming row (8 probes a pass, candidate compaction with C = 2048)."""
+    """A register-resident row up to 32K keys (32 keys a thread, single-probe search, 4096-key
+    tiles), else a streaming row (8 probes a pass, candidate compaction with C = 2048)."""
     out_chunk = min(_next_pow2(k), 2048)
     width = _next_pow2(num_keys)
     if width <= _RESIDENT_MAX:
+      # Single-probe search: measured faster than 2 or 4 probes a pass on resident rows
+      # (module docstring), e.g. res/t4096/w8 at 8K keys and res/t4096/w32 at 32K keys.
       num_warps = min(max(width // 1024, 4), 32)
-      # 2048-key tiles up to 8K keys keep a w8 program at <= 128 registers (2 per SM).
-      tile = min(width, 2048 if width <= 8192 else 4096)
-      return cls(tile=tile, resident=True, num_warps=num_warps, out_chunk=out_chunk, probes=4)
+      return cls(tile=min(width, 4096), resident=True, num_warps=num_warps,
+                 out_chunk=out_chunk, probes=1)
     return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk, compact=2048)
 
 
@@ -204,6 +219,9 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
       def fold(fn, init):
         return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
 
+    if cfg.probes == 1 and not cfg.compact:
+      _write(fold, o_ref, row, k, _single_probe_search(fold, tile, k, cfg, n_valid))
+      return
     W = sk_ref.shape[1] if cfg.compact else 0
     state = _search(fold, tile, n_tiles, S, k, cfg, _initial_bracket(fold, tile, n_valid),
                     stop=W)
@@ -249,6 +267,46 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
 
       st = _search(fold_s, ts, W // ts, W, k, cfg, state, stop=0)
       _write(fold_s, o_ref, row, k, st)
+
+
+def _single_probe_search(fold, tile, k, cfg, n_valid):
+  """One count per pass: (lo, hi, c_lo, c_hi, _, _) with c_lo == k or hi == lo + 1."""
+  zeros = jnp.zeros((tile,), _I32)
+
+  def count_ge(p):
+    return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
+
+  lo, hi, c_lo, c_hi, bisect, _ = _initial_bracket(fold, tile, n_valid)
+
+  def cond(c):
+    lo, hi, c_lo, _, _ = c
+    return (c_lo != k) & (hi - lo > _U32(1))
+
+  def body(c):
+    lo, hi, c_lo, c_hi, bisect = c
+    w = hi - lo                                        # >= 2
+    half = w >> 1
+    if cfg.interpolate:
+      # Aim where a straight line through (lo, c_lo) and (hi, c_hi) crosses k.
+      frac = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
+      d = jnp.floor(frac * w.astype(jnp.float32))
+      d = jnp.clip(d, 1.0, w.astype(jnp.float32)).astype(_U32)
+      d = jnp.clip(d, _U32(1), w - _U32(1))
+      d = jnp.where(bisect, half, d)
+    else:
+      d = half
+    p = lo + d
+    c = count_ge(p)
+    up = c >= k
+    new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
+    # A probe that did not halve the bracket is followed by a bisection (and a bisection
+    # by a probe), so the search never takes more than ~64 passes.
+    slow = (new_hi - new_lo - _U32(1)) > half
+    return (new_lo, new_hi, jnp.where(up, c, c_lo), jnp.where(up, c_hi, c),
+            slow & jnp.logical_not(bisect))
+
+  lo, hi, c_lo, c_hi, _ = lax.while_loop(cond, body, (lo, hi, c_lo, c_hi, bisect))
+  return lo, hi, c_lo, c_hi, None, None
 
 
 def _initial_bracket(fold, tile, n_valid):
@@ -421,14 +479,17 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
     # Per-row candidate scratch (keys, indices): written and read back by the row's program.
     W = _round_up(k + cfg.compact, min(cfg.tile, _next_pow2(k + cfg.compact)))
     out_shape += [jax.ShapeDtypeStruct((T, W), _U32), jax.ShapeDtypeStruct((T, W), _I32)]
+  # Without a scratch the output goes bare, not as a one-element list (as in 45580ea: the
+  # resident rows' kernel jaxpr is then identical to that version's).
+  single = len(out_shape) == 1
   out = pl.pallas_call(
       kernel,
-      out_shape=out_shape,
+      out_shape=out_shape[0] if single else out_shape,
       grid=(T,),
       in_specs=[pl.no_block_spec] * 3,
-      out_specs=[pl.no_block_spec] * len(out_shape),
+      out_specs=pl.no_block_spec if single else [pl.no_block_spec] * len(out_shape),
       compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
       interpret=interpret,
       name="nsa_topk",
   )(ks.astype(_I32), ke.astype(_I32), logits.astype(jnp.float32))
-  return out[0]
+  return out if single else out[0]
