@@ -51,7 +51,12 @@ def resolve_backend(backend: str, interpret: bool, supported, fn: str) -> str:
 
 # --------------------------------------------------------------------------- ragged prefill
 
-def _check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn="mqa_logits"):
+def check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn="mqa_logits"):
+  """Validates ragged-logits arguments for op ``fn`` (shared by mqa_logits and prefill_topk).
+
+  Returns the static ``(T, H, D, S)``; raises ValueError on a bad shape or dtype, and, in
+  checking mode, on ks/ke values outside 0 <= ks <= ke <= S.
+  """
   expect("q_fp8", q_fp8, (None, None, None), FP8_DTYPE, fn)
   T, H, D = q_fp8.shape
   expect("k_fp8", k_fp8, (None, D), FP8_DTYPE, fn)
@@ -94,7 +99,7 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
     float32 [T, S].
   """
   fn = "mqa_logits"
-  _, H, D, _ = _check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
+  _, H, D, _ = check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
 
   def supported():
     from kernels_pallas import mqa_logits as kernel

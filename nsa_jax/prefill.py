@@ -147,7 +147,7 @@ def prefill_topk(q_fp8, k_fp8, k_scale, weights, ks, ke, *, k: int = 2048,
     (bucketed sizes are); otherwise XLA returns it replicated.
   """
   fn = "prefill_topk"
-  T, _, _, S = ops._check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
+  T, _, _, S = ops.check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     raise ValueError(f"{fn}: k must be a static int >= 1, got {k!r}")
   if backend not in ops.BACKENDS:
