@@ -123,3 +123,28 @@ def token_slots(block_tables: jax.Array, requests: jax.Array, positions: jax.Arr
   page = block_tables[jnp.clip(requests, 0, B - 1), jnp.clip(col, 0, max_pages - 1)]
   ok &= page >= 0
   return jnp.where(ok, page * page_size + positions % page_size, -1).astype(jnp.int32)
+
+
+def table_slots(tables: jax.Array, positions: jax.Array, num_pages: int | None = None,
+                page_size: int = PAGE_SIZE) -> jax.Array:
+  """Cache slots of logical positions, one block table per row (device-side, jit-friendly).
+
+  Args:
+    tables: int32 [R, max_pages], the block table of each row's request.
+    positions: int32 [R] or [R, K], logical token positions of row r's request.
+    num_pages: static cache size; when given, a page id >= num_pages also gives -1.
+
+  Returns:
+    int32, positions' shape: ``tables[r, p // page_size] * page_size + p % page_size``, or -1
+    where p is negative, past the table's width, or on a negative (or, with num_pages,
+    out-of-cache) page id.
+  """
+  max_pages = tables.shape[1]
+  col = positions // page_size
+  cols = jnp.clip(col, 0, max_pages - 1)
+  page = jnp.take_along_axis(tables, cols if cols.ndim == 2 else cols[:, None], axis=1)
+  page = page.reshape(positions.shape)
+  ok = (positions >= 0) & (col < max_pages) & (page >= 0)
+  if num_pages is not None:
+    ok &= page < num_pages
+  return jnp.where(ok, page * page_size + positions % page_size, -1).astype(jnp.int32)

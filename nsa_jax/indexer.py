@@ -43,7 +43,7 @@ from flax import nnx
 
 from nsa_jax import budget as _budget
 from nsa_jax import ops
-from nsa_jax.cache import IndexKCache
+from nsa_jax.cache import IndexKCache, table_slots
 from nsa_jax.hadamard import hadamard_rotate
 from nsa_jax.prefill import prefill_topk
 from nsa_jax.quant import SCALE_FORMATS, act_quant
@@ -522,7 +522,7 @@ class Indexer(nnx.Module):
     L = max_pages * PAGE_SIZE
     pos = (ctx[:, None] - n + jnp.arange(n, dtype=_I32)[None, :]).reshape(-1)      # [B * n]
     q8, k8, ksc, w = self.project(x, qr, jnp.maximum(pos, 0))
-    slots = _positions_to_slots(pos, jnp.repeat(tables, n, axis=0), cache.num_pages)
+    slots = table_slots(jnp.repeat(tables, n, axis=0), pos, cache.num_pages)
     cache = cache.write(slots, k8, ksc)
     logits = ops.paged_mqa_logits(q8.reshape(B, n, c.n_heads, c.head_dim), cache, w, ctx,
                                   tables, max_context_len=L, backend=backend,
@@ -548,19 +548,6 @@ def _check_cache(cache, D, fn):
   if cache.head_dim != D or cache.page_size != PAGE_SIZE:
     raise ValueError(f"{fn}: cache must hold pages of {PAGE_SIZE} tokens of head_dim {D}, got "
                      f"k_fp8 {list(cache.k_fp8.shape)}")
-
-
-def _positions_to_slots(pos, tables, num_pages):
-  """int32 [R, ...] positions -> cache slots via per-row tables [R, max_pages]; -1 where the
-  position is negative or its page is missing or outside [0, num_pages)."""
-  max_pages = tables.shape[1]
-  col = jnp.clip(pos // PAGE_SIZE, 0, max_pages - 1)
-  if pos.ndim == 1:
-    page = jnp.take_along_axis(tables, col[:, None], axis=1)[:, 0]
-  else:
-    page = jnp.take_along_axis(tables, col, axis=1)
-  ok = (pos >= 0) & (pos // PAGE_SIZE < max_pages) & (page >= 0) & (page < num_pages)
-  return jnp.where(ok, page * PAGE_SIZE + pos % PAGE_SIZE, -1).astype(_I32)
 
 
 # --------------------------------------------------------------------------- jit

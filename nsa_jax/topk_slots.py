@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import ops
-from nsa_jax.reference import PAGE_SIZE
+from nsa_jax.cache import table_slots
 from nsa_jax.validation import expect
 
 _I32 = jnp.int32
@@ -41,14 +41,8 @@ def _paged_topk_slots(logits, context_lens, block_tables, *, next_n, k, num_page
   ke = decode_key_range(context_lens, next_n, L)
   ks = jnp.zeros_like(ke)
   idx = ops.topk_indices(logits, ks, ke, k=k, backend=backend, interpret=interpret)  # [rows, k]
-  max_pages = block_tables.shape[1]
   tables = jnp.repeat(block_tables.astype(_I32), next_n, axis=0)                   # [rows, P]
-  col = jnp.clip(idx // PAGE_SIZE, 0, max_pages - 1)
-  page = jnp.take_along_axis(tables, col, axis=1)
-  ok = (idx >= 0) & (idx // PAGE_SIZE < max_pages) & (page >= 0)
-  if num_pages is not None:
-    ok &= page < num_pages
-  return jnp.where(ok, page * PAGE_SIZE + idx % PAGE_SIZE, -1)
+  return table_slots(tables, idx, num_pages)
 
 
 def paged_topk_slots(logits, context_lens, block_tables, *, next_n: int, k: int = 2048,
