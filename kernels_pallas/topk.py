@@ -111,6 +111,10 @@ class TopKConfig:
     compact: candidate budget C (0: off). Once at most W = k + C (rounded up to whole
       tiles) keys remain >= lo, one pass copies them to a per-row scratch of W keys and
       indices, and the rest of the search and the write run over that scratch only.
+    search: the single-probe rule (used when ``probes=1`` and ``compact=0``): ``"illinois"``
+      (a first probe at a normal-quantile guess from the row's mean and spread, then
+      Illinois-weighted regula falsi, bracket snapping after a pass that moved no count) or
+      ``"regula"`` (plain regula falsi with bisection fallbacks, the v3 search).
   """
 
   tile: int
@@ -120,12 +124,15 @@ class TopKConfig:
   out_chunk: int = 2048
   probes: int = 8
   compact: int = 0
+  search: str = "illinois"
 
   def __post_init__(self):
     if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
       raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
     if self.compact < 0:
       raise ValueError(f"compact must be >= 0, got {self.compact}")
+    if self.search not in ("illinois", "regula"):
+      raise ValueError(f"search must be 'illinois' or 'regula', got {self.search!r}")
     if self.probes < 1:
       raise ValueError(f"probes must be >= 1, got {self.probes}")
     if self.out_chunk < 1 or self.out_chunk & (self.out_chunk - 1):
@@ -220,7 +227,8 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
         return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
 
     if cfg.probes == 1 and not cfg.compact:
-      _write(fold, o_ref, row, k, _single_probe_search(fold, tile, k, cfg, n_valid))
+      search = _illinois_search if cfg.search == "illinois" else _single_probe_search
+      _write(fold, o_ref, row, k, search(fold, tile, k, cfg, n_valid))
       return
     W = sk_ref.shape[1] if cfg.compact else 0
     state = _search(fold, tile, n_tiles, S, k, cfg, _initial_bracket(fold, tile, n_valid),
@@ -306,6 +314,109 @@ def _single_probe_search(fold, tile, k, cfg, n_valid):
             slow & jnp.logical_not(bisect))
 
   lo, hi, c_lo, c_hi, _ = lax.while_loop(cond, body, (lo, hi, c_lo, c_hi, bisect))
+  return lo, hi, c_lo, c_hi, None, None
+
+
+def _key_to_float(key):
+  """Inverse of ``_sortable_u32`` on valid keys (key 0, an invalid lane, maps to NaN)."""
+  u = jnp.where((key >> 31) == 1, key & _U32(0x7FFFFFFF), ~key)
+  return lax.bitcast_convert_type(u, jnp.float32)
+
+
+def _upper_normal_quantile(p):
+  """z with P(N(0, 1) >= z) = p for 0 < p < 1 (Abramowitz & Stegun 26.2.23, |error| < 5e-4):
+  only a first guess, so a short rational form does."""
+  q = jnp.minimum(p, 1.0 - p)
+  t = jnp.sqrt(-2.0 * jnp.log(q))
+  z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (
+      1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
+  return jnp.where(p > 0.5, -z, z)
+
+
+def _illinois_search(fold, tile, k, cfg, n_valid):
+  """One count per pass, fewer passes than ``_single_probe_search`` (v3), same result.
+
+  - The first pass also sums the row's values and squares; the first probe is the value a
+    normal distribution of that mean and spread would have k keys above. Real logit rows are
+    not normal, but the guess still lands near the threshold, where the count is steep, and a
+    non-finite guess (a row holding +-inf or NaN) falls back to interpolation.
+  - Then regula falsi with the Illinois weighting: when the same end of the bracket is kept
+    twice in a row, its distance to k counts half, so the probes stop creeping in from one
+    side (on N(0, 1) rows of 32K keys: ~6 passes instead of ~12 in a float64 simulation).
+  - After a pass that moved no count (the bracket's interior empty on one side, typical of
+    tied values), the next pass also takes the min / max key inside the bracket and snaps
+    the bracket to them: a bracket holding one distinct value then closes at once.
+  - Three passes in a row that fail to halve the bracket are followed by a bisection: at
+    most ~4 x 32 passes whatever the data.
+  """
+  zeros = jnp.zeros((tile,), _I32)
+  big = _U32(0xFFFFFFFF)
+
+  def first(acc, key, _):
+    mx, mn, s1, s2 = acc
+    x = jnp.where(key > 0, _key_to_float(key), 0.0)
+    return (jnp.maximum(mx, key), jnp.minimum(mn, jnp.where(key > 0, key, big)),
+            s1 + x, s2 + x * x)
+
+  f0 = jnp.zeros((tile,), jnp.float32)
+  kmax, kmin, s1, s2 = fold(first, (jnp.zeros((tile,), _U32), jnp.full((tile,), big), f0, f0))
+  lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
+  nf = n_valid.astype(jnp.float32)
+  mean = jnp.sum(s1) / nf
+  std = jnp.sqrt(jnp.maximum(jnp.sum(s2) / nf - mean * mean, 0.0))
+  est = mean + std * _upper_normal_quantile(jnp.float32(k) / nf)
+  g = _sortable_u32(jnp.where(jnp.isfinite(est), est, 0.0))
+  # A guess outside the bracket (or not finite) is no guess: interpolation takes over.
+  guess_ok = jnp.isfinite(est) & (g > lo) & (g < hi)
+
+  def count_ge(p, lo, hi, snap):
+    def fn(acc, key, _):
+      cnt, mn, mx = acc
+      cnt = cnt + (key >= p).astype(_I32)
+      if snap:
+        inb = (key >= lo) & (key < hi)
+        mn = jnp.minimum(mn, jnp.where(inb, key, big))
+        mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
+      return cnt, mn, mx
+    if not snap:
+      cnt = fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros)
+      zero = lo - lo   # traced: a Triton scf.if cannot yield a bare constant
+      return jnp.sum(cnt), zero, zero + _U32(0xFFFFFFFE)
+    cnt, mn, mx = fold(fn, (zeros, jnp.full((tile,), big), jnp.zeros((tile,), _U32)))
+    return jnp.sum(cnt), jnp.min(mn), jnp.max(mx)
+
+  def cond(c):
+    lo, hi, c_lo = c[0], c[1], c[2]
+    return (c_lo != k) & (hi - lo > _U32(1))
+
+  def body(c):
+    lo, hi, c_lo, c_hi, f_lo, f_hi, side, stall, stuck, use_guess = c
+    w = hi - lo                                        # >= 2
+    half = w >> 1
+    wf = w.astype(jnp.float32)
+    d = jnp.clip(jnp.floor(f_lo / (f_lo - f_hi) * wf), 1.0, wf).astype(_U32)
+    d = jnp.where(use_guess, g - lo, d)
+    d = jnp.clip(d, _U32(1), w - _U32(1))
+    d = jnp.where(stall >= 3, half, d)
+    p = lo + d
+    cnt, mn, mx = lax.cond(stuck, lambda: count_ge(p, lo, hi, True),
+                           lambda: count_ge(p, lo, hi, False))
+    up = cnt >= k
+    fc = (cnt - k).astype(jnp.float32)
+    new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
+    # No key of the old bracket lies below mn or above mx: snapping keeps both counts.
+    new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
+    stall = jnp.where((new_hi - new_lo - _U32(1)) > half, stall + 1, 0)
+    # Illinois: the end kept twice in a row weighs half.
+    new_flo = jnp.where(up, fc, jnp.where(side < 0, f_lo * 0.5, f_lo))
+    new_fhi = jnp.where(up, jnp.where(side > 0, f_hi * 0.5, f_hi), fc)
+    stuck = jnp.where(up, cnt == c_lo, cnt == c_hi)
+    return (new_lo, new_hi, jnp.where(up, cnt, c_lo), jnp.where(up, c_hi, cnt), new_flo,
+            new_fhi, jnp.where(up, 1, -1), stall, stuck, up & jnp.logical_not(up))  # traced False
+
+  init = (lo, hi, n_valid, jnp.int32(0), (n_valid - k).astype(jnp.float32),
+          jnp.float32(-k), jnp.int32(0), jnp.int32(0), jnp.bool_(False), guess_ok)
+  lo, hi, c_lo, c_hi = lax.while_loop(cond, body, init)[:4]
   return lo, hi, c_lo, c_hi, None, None
 
 

@@ -121,6 +121,9 @@ def test_topk_pallas_order_and_tie_rule(case):
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
                            out_chunk=32),                             # bisection only
     topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1),   # one probe a pass
+    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1,
+                           search="regula"),                          # v3 single-probe search
+    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, probes=1),  # Illinois, streamed
     topk_kernel.TopKConfig(tile=64, resident=False, num_warps=4, probes=3),   # odd probe count
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
                            probes=5),                                 # multisection
@@ -128,7 +131,8 @@ def test_topk_pallas_order_and_tie_rule(case):
     topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, compact=64),  # scratch tiles
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, compact=100,
                            probes=2),                                 # one scratch tile
-], ids=["resident_tiles", "streaming", "bisection", "one_probe", "three_probes", "multisection",
+], ids=["resident_tiles", "streaming", "bisection", "one_probe", "one_probe_regula",
+                                  "one_probe_streaming", "three_probes", "multisection",
         "wide_lane_counts", "compact", "compact_one_tile"])
 @pytest.mark.parametrize("case", ["distinct", "ties"])
 def test_topk_pallas_configs(config, case):
