@@ -13,6 +13,7 @@ small problems are not served from L2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -192,23 +193,33 @@ def main(argv=None):
     sys.exit("bench_paged_mqa_logits: some sizes failed (see the error column)")
 
 
+SWEEP_SIZES = [(64, 65536, 1), (64, 65536, 2), (1, 65536, 1), (64, 4096, 1)]
+
+
 def sweep(out_dir, iters):
-  """Tuning table: every (pages_per_split, num_stages) at a few sizes (next_n = 1 unless said)."""
+  """Tuning table at a few sizes: the default config, the same with page ids read from global
+  memory (``table_in_smem=False``, the v1 kernel), and other (pages_per_split, num_stages)."""
   rows = []
-  for B, avg, n in [(64, 65536, 1), (64, 65536, 2), (128, 16384, 1), (64, 4096, 1)]:
-    for pps in (4, 8, 16, 32, 64):
-      for st in (2, 4, 8):
-        cfg = kernel.PagedConfig(pages_per_split=pps, num_stages=st)
-        try:
-          r = bench_one(B, avg, n, iters=iters, do_xla=False, do_check=False, config=cfg)
-        except Exception as e:  # e.g. too much shared memory: report and go on
-          r = dict(B=B, avg_ctx=avg, next_n=n, error=f"{type(e).__name__}: {str(e)[:80]}")
-        r.update(pages_per_split=pps, num_stages=st)
-        rows.append(r)
-  print(f"\npaged_mqa_logits kernel configs on {common.card()}, jax {jax.__version__} "
-        f"(default: {kernel.default_config(64, 85_000)} at B=64, 64K)")
+  for B, avg, n in SWEEP_SIZES:
+    L = int(context_lens(B, avg, seed=B + avg).max())
+    base = kernel.default_config(B, L)
+    cfgs = [base, dataclasses.replace(base, table_in_smem=False)]
+    cfgs += [kernel.PagedConfig(pages_per_split=pps, num_stages=st)
+             for pps in (8, 16, 32) for st in (4, 8)
+             if (pps, st) != (base.pages_per_split, base.num_stages)]
+    for cfg in cfgs:
+      try:
+        r = bench_one(B, avg, n, iters=iters, do_xla=False, do_check=False, config=cfg)
+      except Exception as e:  # e.g. too much shared memory: report and go on
+        r = dict(B=B, avg_ctx=avg, next_n=n, error=f"{type(e).__name__}: {str(e)[:80]}")
+      r.update(pages_per_split=cfg.pages_per_split, num_stages=cfg.num_stages,
+               table_in_smem=cfg.table_in_smem, default=cfg == base)
+      rows.append(r)
+      print(r, flush=True)
+  print(f"\npaged_mqa_logits kernel configs on {common.card()}, jax {jax.__version__}")
   common.print_table(rows, ["B", "avg_ctx", "next_n", "pages_per_split", "num_stages",
-                            "pallas_ms", "cache_GBps", "pct_2p94", "error"])
+                            "table_in_smem", "default", "pallas_ms", "cache_GBps", "pct_2p94",
+                            "error"])
   common.write_results("paged_mqa_logits_sweep", rows, out_dir, True)
 
 

@@ -18,19 +18,21 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
   whichever SM frees up, which balances ragged batches without a device-side schedule.
   Several CTAs stay resident per SM (46 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
   H = 64 and 4 stages: 4 per SM), so one CTA's epilogue overlaps another's loads.
-- Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]`` and head weights once, then
-  keep ``config.num_stages`` pages (8 KiB of keys plus 256 B of scales each) in flight in an
-  SMEM ring guarded by one mbarrier per slot. The page id is read from the block table (a
-  scalar load) at the top of the iteration that refills the slot, so its latency hides behind
-  that iteration's math.
+- Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]``, head weights and the
+  split's slice of the block table once, then keep ``config.num_stages`` pages (8 KiB of keys
+  plus 256 B of scales each) in flight in an SMEM ring guarded by one mbarrier per slot. Page
+  ids come from the SMEM copy of the table: reading them from global memory put a dependent
+  scalar load (~1 us) on every iteration's critical path (``table_in_smem=False`` keeps that
+  variant for measurement; see benchmarks/NOTES.md).
 - Math per page: one fp8 wgmma with M = 64 (the page's tokens), N = n * H (the query rows),
   K = D = 128, float32 accumulate. Then in registers: relu, times the head weight (a per
   column vector), a sum over each query's H columns (a row reduction within a warp), times
   the token's scale, the validity mask, and a TMA store of the ``[n, 64]`` tile into the
   logits (two output slots so that a store overlaps the next page).
 - Bad values never read out of bounds: a page id outside ``[0, num_pages)`` or a page past the
-  block table's width is clamped for the load and its tokens are -inf; tokens past the
-  context are -inf and their pages are never loaded.
+  block table's width (the wrapper pads the table with -1 to whole splits) is clamped for the
+  load and its tokens are -inf; tokens past the context are -inf and their pages are never
+  loaded.
 - The output width is padded to whole pages (a multiple of 64 floats) when needed and sliced
   back, so that no page store ever crosses the end of a row. Measured on the H100: with only
   16-byte padding, a one-row (next_n = 1) TMA store of the last, partial page was not clipped
@@ -79,10 +81,14 @@ class PagedConfig:
     pages_per_split: pages (of 64 tokens) one CTA streams; the key axis of every request is cut
       into ``ceil(ceil(max_context_len / 64) / pages_per_split)`` splits.
     num_stages: depth of the TMA ring (pages in flight per CTA).
+    table_in_smem: copy the CTA's slice of the block table to SMEM with one TMA at the start
+      (else each iteration reads its page ids from global memory, a dependent scalar load on
+      the loop's critical path).
   """
 
   pages_per_split: int = 16
   num_stages: int = 4
+  table_in_smem: bool = True
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
@@ -114,8 +120,8 @@ def unsupported_reason(next_n: int, H: int, D: int) -> str | None:
 
 
 def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
-            k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar, *,
-            n, H, num_pages, max_pages, out_pages, config, clean):
+            k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, bt_smem, kv_bar, q_bar, bt_bar,
+            *, n, H, num_pages, max_pages, out_pages, config, clean):
   NS, PS = config.num_stages, config.pages_per_split
   NQ = n * H
   b = lax.axis_index("b")
@@ -140,7 +146,11 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
 
   def page_id(j):
     """(id clamped into the cache, whether the table names a real page) of page column j."""
-    raw = bt_gmem[b, jnp.minimum(j, max_pages - 1)]
+    if config.table_in_smem:
+      # The wrapper padded the table with -1 to whole splits: column j is slot j - j0.
+      raw = bt_smem[j - j0]
+    else:
+      raw = bt_gmem[b, jnp.minimum(j, max_pages - 1)]
     ok = (j < max_pages) & (raw >= 0) & (raw < num_pages)
     return jnp.clip(raw, 0, num_pages - 1), ok
 
@@ -150,8 +160,12 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
 
   @pl.when(n_comp > 0)
   def _compute():
+    if config.table_in_smem:
+      plgpu.copy_gmem_to_smem(bt_gmem.at[b, lax.axis_index("s")], bt_smem, bt_bar)
     plgpu.copy_gmem_to_smem(q_gmem.at[b], q_smem, q_bar)
     plgpu.copy_gmem_to_smem(w_gmem.at[b], w_smem, q_bar)
+    if config.table_in_smem:
+      plgpu.barrier_wait(bt_bar)
     # All first-stage ids are loaded before any copy is issued so that the loads overlap.
     # Indices stop at the last page with context: table entries past it are never read.
     last = j0 + n_comp - 1
@@ -238,6 +252,16 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
   splits = -(-out_pages // cfg.pages_per_split)
   Lp = out_pages * PAGE  # whole pages: see the module docstring
   num_pages, max_pages = k_pages.shape[0], block_tables.shape[1]
+  PS = cfg.pages_per_split
+  PSp = -(-PS // 4) * 4   # a TMA row is a multiple of 16 bytes
+  if cfg.table_in_smem:
+    # [B, splits, PSp]: split s's page ids in row s, -1 past the table (never a real page).
+    bt = block_tables.astype(jnp.int32)[:, :splits * PS]
+    bt = jnp.pad(bt, ((0, 0), (0, splits * PS - bt.shape[1])), constant_values=-1)
+    bt = jnp.pad(bt.reshape(B, splits, PS), ((0, 0), (0, 0), (0, PSp - PS)),
+                 constant_values=-1)
+  else:
+    bt = block_tables
   body = functools.partial(_kernel, n=n, H=H, num_pages=num_pages, max_pages=max_pages,
                            out_pages=out_pages, config=cfg, clean=clean_logits)
   NS = cfg.num_stages
@@ -253,15 +277,17 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
           plgpu.SMEM((n * H,), _F32),
           plgpu.SMEM((2, n, PAGE), _F32),
           plgpu.SMEM((2, PAGE), _F32),
+          plgpu.SMEM((PSp,), jnp.int32),
           plgpu.Barrier(num_arrivals=2, num_barriers=NS),
           plgpu.Barrier(num_arrivals=2),
+          plgpu.Barrier(num_arrivals=1),
       ],
       compiler_params=plgpu.CompilerParams(),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
   )
   out = kernel(q_fp8.reshape(B, n * H, D), weights.reshape(B, n * H), k_pages,
-               k_scale_pages, context_lens, block_tables)
+               k_scale_pages, context_lens, bt)
   return out[:, :L] if Lp != L else out
 
 
