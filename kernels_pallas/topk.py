@@ -406,13 +406,14 @@ def _illinois_search(fold, tile, k, cfg, n_valid):
     new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
     # No key of the old bracket lies below mn or above mx: snapping keeps both counts.
     new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
-    stall = jnp.where((new_hi - new_lo - _U32(1)) > half, stall + 1, 0)
+    stall = jnp.where((new_hi - new_lo - _U32(1)) > half, stall + 1, stall * 0)
     # Illinois: the end kept twice in a row weighs half.
     new_flo = jnp.where(up, fc, jnp.where(side < 0, f_lo * 0.5, f_lo))
     new_fhi = jnp.where(up, jnp.where(side > 0, f_hi * 0.5, f_hi), fc)
     stuck = jnp.where(up, cnt == c_lo, cnt == c_hi)
     return (new_lo, new_hi, jnp.where(up, cnt, c_lo), jnp.where(up, c_hi, cnt), new_flo,
-            new_fhi, jnp.where(up, 1, -1), stall, stuck, up & jnp.logical_not(up))  # traced False
+            new_fhi, jnp.where(up, side * 0 + 1, side * 0 - 1), stall, stuck,
+            up & jnp.logical_not(up))   # the last two: traced int32 / False, as Triton wants
 
   init = (lo, hi, n_valid, jnp.int32(0), (n_valid - k).astype(jnp.float32),
           jnp.float32(-k), jnp.int32(0), jnp.int32(0), jnp.bool_(False), guess_ok)
