@@ -150,7 +150,7 @@ def main(argv=None):
   ap.add_argument("--no-xla", action="store_true", help="skip the xla baseline")
   ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
   ap.add_argument("--sweep", action="store_true",
-                  help="also time kernel configs (ctas_per_sm x num_stages) at a few sizes")
+                  help="also time kernel configs (pages_per_split x num_stages) at a few sizes")
   ap.add_argument("--sweep-only", action="store_true", help="only the config sweep")
   args = ap.parse_args(argv)
   if jax.default_backend() != "gpu":
@@ -192,28 +192,22 @@ def main(argv=None):
     sys.exit("bench_paged_mqa_logits: some sizes failed (see the error column)")
 
 
-SWEEP_SIZES = [(64, 65536, 1), (64, 65536, 2), (1, 65536, 1), (64, 4096, 1), (128, 16384, 1),
-               (1, 4096, 1)]
-
-
-def sweep(out_dir, iters, sizes=SWEEP_SIZES):
-  """Tuning table at a few sizes: persistent CTAs per SM x ring depth."""
+def sweep(out_dir, iters):
+  """Tuning table: every (pages_per_split, num_stages) at a few sizes (next_n = 1 unless said)."""
   rows = []
-  base = kernel.PagedConfig()
-  cfgs = [base] + [kernel.PagedConfig(ctas_per_sm=c, num_stages=st)
-                   for c in (1, 2, 4) for st in (4, 8)
-                   if (c, st) != (base.ctas_per_sm, base.num_stages)]
-  for B, avg, n in sizes:
-    for cfg in cfgs:
-      try:
-        r = bench_one(B, avg, n, iters=iters, do_xla=False, do_check=False, config=cfg)
-      except Exception as e:  # e.g. too much shared memory: report and go on
-        r = dict(B=B, avg_ctx=avg, next_n=n, error=f"{type(e).__name__}: {str(e)[:80]}")
-      r.update(ctas_per_sm=cfg.ctas_per_sm, num_stages=cfg.num_stages, default=cfg == base)
-      rows.append(r)
-      print(r, flush=True)
-  print(f"\npaged_mqa_logits kernel configs on {common.card()}, jax {jax.__version__}")
-  common.print_table(rows, ["B", "avg_ctx", "next_n", "ctas_per_sm", "num_stages", "default",
+  for B, avg, n in [(64, 65536, 1), (64, 65536, 2), (128, 16384, 1), (64, 4096, 1)]:
+    for pps in (4, 8, 16, 32, 64):
+      for st in (2, 4, 8):
+        cfg = kernel.PagedConfig(pages_per_split=pps, num_stages=st)
+        try:
+          r = bench_one(B, avg, n, iters=iters, do_xla=False, do_check=False, config=cfg)
+        except Exception as e:  # e.g. too much shared memory: report and go on
+          r = dict(B=B, avg_ctx=avg, next_n=n, error=f"{type(e).__name__}: {str(e)[:80]}")
+        r.update(pages_per_split=pps, num_stages=st)
+        rows.append(r)
+  print(f"\npaged_mqa_logits kernel configs on {common.card()}, jax {jax.__version__} "
+        f"(default: {kernel.default_config(64, 85_000)} at B=64, 64K)")
+  common.print_table(rows, ["B", "avg_ctx", "next_n", "pages_per_split", "num_stages",
                             "pallas_ms", "cache_GBps", "pct_2p94", "error"])
   common.write_results("paged_mqa_logits_sweep", rows, out_dir, True)
 

@@ -73,51 +73,23 @@ def test_paged_bad_pages_are_masked():
 
 # --------------------------------------------------------------------------- Pallas kernel
 
-@pytest.mark.parametrize("num_ctas,num_stages", [(1, 1), (3, 3), (7, 2), (None, 8)])
-def test_kernel_segments_stages_and_poison(num_ctas, num_stages):
-  """Every grid / ring shape writes every output element (NaN-poisoned outputs): segments that
-  start and end inside a request, cross request boundaries and empty requests, a ring deeper
-  than a segment, the -inf pages past each context, and a width that is neither a page nor a
-  4-float multiple."""
+@pytest.mark.parametrize("pages_per_split,num_stages", [(1, 1), (2, 3), (8, 2)])
+def test_kernel_splits_stages_and_poison(pages_per_split, num_stages):
+  """Every split/stage shape writes every output element (NaN-poisoned outputs), including
+  the -inf tail past each context and a width that is neither a page nor 4-float multiple."""
   from kernels_pallas import paged_mqa_logits as kernel
-  rng = np.random.default_rng(num_stages)
+  rng = np.random.default_rng(pages_per_split)
   p = paged_problem(rng, [200, 5, 64, 0, 321], next_n=2, H=16, max_context_len=455)
-  cfg = kernel.PagedConfig(num_ctas=num_ctas, num_stages=num_stages, min_pages_per_cta=1)
-  out = np.asarray(_kernel(p, cfg, races=num_ctas == 3))
+  cfg = kernel.PagedConfig(pages_per_split=pages_per_split, num_stages=num_stages)
+  out = np.asarray(_kernel(p, cfg, races=pages_per_split == 2))
   assert out.shape == (10, 455)
   assert not np.isnan(out).any(), "unwritten output elements"
   ref = paged_mqa_logits_np(p)
   assert_same_inf_pattern(out, ref)
   assert calc_diff(out, ref) < 5e-6
-  if num_ctas == 3:
+  if pages_per_split == 2:
     from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
     assert not get_races().races_found
-
-
-@pytest.mark.parametrize("counts,G,min_len", [
-    ([3, 0, 5, 0, 0, 1], 4, 1), ([0, 0, 7], 3, 2), ([0, 0], 5, 1), ([1000, 1, 2], 132, 4),
-    ([9], 2, 4)])
-def test_schedule_segments_cover_every_item_once(counts, G, min_len):
-  """The persistent schedule: CTA segments tile the item list exactly (no gap, no overlap),
-  are equal up to the last one, start at the right (request, page), and walking each
-  segment with the "next non-empty request" row visits the items in order."""
-  from kernels_pallas import paged_mqa_logits as kernel
-  c = jnp.asarray(counts, jnp.int32)
-  t0, t1, b0, j0 = (np.asarray(v) for v in kernel._segments(c, G, min_len))
-  nxt = np.asarray(kernel._next_nonempty(c))
-  items = [(b, j) for b, n in enumerate(counts) for j in range(n)]
-  assert t0[0] == 0 and t1[-1] == len(items) and (t0[1:] == t1[:-1]).all()
-  lens = t1 - t0
-  assert (lens[lens > 0][:-1] == lens.max()).all() and lens.max() >= min(min_len, len(items))
-  seen = []
-  for g in range(G):
-    if t1[g] == t0[g]:
-      continue
-    b, j = int(b0[g]), int(j0[g])
-    for _ in range(t1[g] - t0[g]):
-      seen.append((b, j))
-      b, j = (int(nxt[b]), 0) if j + 1 >= counts[b] else (b, j + 1)
-  assert seen == items
 
 
 def test_kernel_bad_values_match_reference():
@@ -133,8 +105,7 @@ def test_kernel_bad_values_match_reference():
   tables[3, 1:] = 2 ** 31 - 1  # past the request's last page: never read, no effect
   p["block_tables"] = jnp.asarray(tables[:, :2])  # width 2: request 2's third page is missing
   p["context_lens"] = jnp.asarray([130, 100, 190, 60], jnp.int32)
-  out = np.asarray(_kernel(p, kernel.PagedConfig(num_ctas=5, num_stages=2,
-                                                    min_pages_per_cta=1)))
+  out = np.asarray(_kernel(p, kernel.PagedConfig(pages_per_split=1, num_stages=2)))
   ref = np.asarray(_reference(p))
   assert_same_inf_pattern(out, ref)
   assert calc_diff(out, ref) < 5e-6
@@ -169,6 +140,15 @@ def test_unsupported_shapes():
   p = paged_problem(rng, [10], next_n=1, H=24)
   with pytest.raises(ValueError, match="does not support"):
     _call(p, "pallas", interpret=True)
+
+
+def test_default_config_fills_the_gpu():
+  from kernels_pallas import paged_mqa_logits as kernel
+  for B, L in [(1, 4096), (1, 65536), (64, 4096), (64, 65536), (128, 85_000)]:
+    cfg = kernel.default_config(B, L)
+    assert 4 <= cfg.pages_per_split <= 64
+    ctas = B * -(-(-(-L // 64)) // cfg.pages_per_split)
+    assert ctas >= min(8 * 132, B * -(-L // 64) // 4), (B, L, cfg, ctas)
 
 
 @pytest.mark.parametrize("B,next_n,H,L,clean_logits", [
