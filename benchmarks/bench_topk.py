@@ -3,8 +3,7 @@
 Usage: python benchmarks/bench_topk.py [--smoke] [--out DIR] [--dist normal|ties|causal]
                                        [--no-xla] [--no-prefill] [--bisection]
                                        [--tile N --warps N --streaming --probes N
-                                        --compact C --search illinois|regula --no-stack
-                                        --shapes 4096x32768,8x262144]
+                                        --compact C --shapes 4096x32768,8x262144]
 
 - Top-k rows: rows x keys in {8192 x 8K, 4096 x 32K (the issue's 10x criterion),
   8192 x 32K, 8192 x 64K, 64 x 128K, 8 x 256K}, k = 2048, float32 N(0, 1) logits, full rows
@@ -62,9 +61,7 @@ def topk_rows(args, on_gpu):
                              num_warps=args.warps or base.num_warps,
                              interpolate=not args.bisection, out_chunk=base.out_chunk,
                              probes=args.probes or base.probes,
-                             compact=base.compact if args.compact < 0 else args.compact,
-                             search=args.search or base.search,
-                             stack=base.stack and not args.no_stack)
+                             compact=base.compact if args.compact < 0 else args.compact)
 
   shapes = (SMOKE_GPU if on_gpu else SMOKE_CPU) if args.smoke else FULL
   if args.shapes:
@@ -83,10 +80,7 @@ def topk_rows(args, on_gpu):
     same = bool((jnp.sort(out, axis=1) == jnp.sort(ref, axis=1)).all())
     row = dict(rows=T, keys=S, k=K, config=f"{'res' if used.resident else 'stream'}/t{used.tile}"
                f"/w{used.num_warps}/p{used.probes}{f'/c{used.compact}' if used.compact else ''}"
-               f"{'' if used.interpolate else '/bis'}"
-               f"{'/' + used.search if used.probes == 1 and not used.compact else ''}"
-               f"{'/stack' if used.resident and used.stack and S > used.tile else ''}",
-               same_sets=same)
+               f"{'' if used.interpolate else '/bis'}", same_sets=same)
     if on_gpu:
       t_p = common.time_fn(pallas, x, ks, ke, iters=iters)
       nbytes = T * S * 4
@@ -145,10 +139,6 @@ def main(argv=None):
   ap.add_argument("--warps", type=int, default=0)
   ap.add_argument("--streaming", action="store_true", help="re-read rows every pass")
   ap.add_argument("--probes", type=int, default=0, help="thresholds counted per pass")
-  ap.add_argument("--no-stack", action="store_true",
-                  help="resident rows as separate tiles, not one stacked register block")
-  ap.add_argument("--search", default="", choices=["", "illinois", "regula"],
-                  help="single-probe search rule (default: the config's)")
   ap.add_argument("--shapes", default="", help="rows x keys list, e.g. 4096x32768,8x262144")
   ap.add_argument("--compact", type=int, default=-1,
                   help="candidate budget C for the scratch (0: off; default: the config's)")

@@ -78,7 +78,7 @@ from jax.experimental.pallas import triton as plt
 _U32 = jnp.uint32
 _I32 = jnp.int32
 _RESIDENT_MAX = 32768   # keys a row may hold in registers (32 warps x 32 threads x 32 keys)
-_MAX_TILE = 1 << 14     # prefix sums pack two counts into one int32: ties << 16 < 2**31
+_MAX_TILE = 1 << 15     # per-tile prefix sums pack two 16-bit counts into one int32
 
 # jax 0.11 deprecates Pallas-Triton in favour of Mosaic GPU (warned at every lowering). This
 # kernel needs Triton's scatter stores and in-register prefix sums, which Mosaic GPU's array
@@ -111,14 +111,6 @@ class TopKConfig:
     compact: candidate budget C (0: off). Once at most W = k + C (rounded up to whole
       tiles) keys remain >= lo, one pass copies them to a per-row scratch of W keys and
       indices, and the rest of the search and the write run over that scratch only.
-    search: the single-probe rule (used when ``probes=1`` and ``compact=0``): ``"regula"``
-      (regula falsi with bisection fallbacks) or ``"illinois"`` (a first probe at a
-      normal-quantile guess from the row's mean and spread, then Illinois-weighted regula
-      falsi, bracket snapping after a pass that moved no count: about half the passes in a
-      float64 simulation, but measured no faster on the H100, see benchmarks/NOTES.md).
-    stack: resident rows only: hold the row's tiles as one ``[rows, tile]`` register block,
-      so that the last pass takes one prefix sum along the tiles for all of them (block-wide
-      scans and reductions cost a few CTA barriers each: once instead of once per tile).
   """
 
   tile: int
@@ -128,16 +120,12 @@ class TopKConfig:
   out_chunk: int = 2048
   probes: int = 8
   compact: int = 0
-  search: str = "regula"
-  stack: bool = True
 
   def __post_init__(self):
     if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
       raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
     if self.compact < 0:
       raise ValueError(f"compact must be >= 0, got {self.compact}")
-    if self.search not in ("illinois", "regula"):
-      raise ValueError(f"search must be 'illinois' or 'regula', got {self.search!r}")
     if self.probes < 1:
       raise ValueError(f"probes must be >= 1, got {self.probes}")
     if self.out_chunk < 1 or self.out_chunk & (self.out_chunk - 1):
@@ -174,16 +162,6 @@ def _probe_offsets(P: int) -> list[float]:
   h = P // 2
   return sorted([-(4.0 ** -i) for i in range(1, h + 1)] +
                 [4.0 ** -i for i in range(1, P - h + 1)])
-
-
-def _shp(tile):
-  """The register block a fold step works on: ``(tile,)``, or ``(rows, tile)`` when stacked."""
-  return tile if isinstance(tile, tuple) else (tile,)
-
-
-def _total(x, op=jnp.sum):
-  """Reduce a 1-D or 2-D block to a scalar (the minor axis first)."""
-  return op(op(x, axis=-1)) if x.ndim == 2 else op(x)
 
 
 def _sortable_u32(x):
@@ -227,21 +205,8 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
       x = plt.load(x_ref.at[row, pl.ds(start, tile)], mask=valid, other=0.0)
       return jnp.where(valid, _sortable_u32(x), _U32(0)), idx
 
-    if cfg.resident and cfg.stack and n_tiles > 1 and not cfg.compact:
-      # One [R, tile] block (R a power of two, as Triton wants; rows past S are masked).
-      shape = (_next_pow2(n_tiles), tile)
-      idx = (lax.broadcasted_iota(_I32, shape, 0) * tile + lax.broadcasted_iota(_I32, shape, 1)
-             + lo_i * 0)
-      valid = (idx >= lo_i) & (idx < hi_i)
-      x = plt.load(x_ref.at[row, jnp.where(valid, idx, 0)], mask=valid, other=0.0)
-      block = (jnp.where(valid, _sortable_u32(x), _U32(0)), idx)
-      blk, n_fold = shape, 1   # one fold step over the whole block
-
-      def fold(fn, init):
-        return fn(init, *block)
-    elif cfg.resident:
+    if cfg.resident:
       tiles = [load(t) for t in range(n_tiles)]
-      blk, n_fold = tile, n_tiles
 
       def fold(fn, init):
         acc = init
@@ -250,17 +215,15 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
         return acc
     else:
       t_lo, t_hi = lo_i // tile, pl.cdiv(hi_i, tile)
-      blk, n_fold = tile, n_tiles
 
       def fold(fn, init):
         return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
 
     if cfg.probes == 1 and not cfg.compact:
-      search = _illinois_search if cfg.search == "illinois" else _single_probe_search
-      _write(fold, o_ref, row, k, search(fold, blk, k, cfg, n_valid))
+      _write(fold, o_ref, row, k, _single_probe_search(fold, tile, k, cfg, n_valid))
       return
     W = sk_ref.shape[1] if cfg.compact else 0
-    state = _search(fold, blk, n_fold, S, k, cfg, _initial_bracket(fold, blk, n_valid),
+    state = _search(fold, tile, n_tiles, S, k, cfg, _initial_bracket(fold, tile, n_valid),
                     stop=W)
     if not cfg.compact:
       _write(fold, o_ref, row, k, state)
@@ -308,10 +271,10 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
 
 def _single_probe_search(fold, tile, k, cfg, n_valid):
   """One count per pass: (lo, hi, c_lo, c_hi, _, _) with c_lo == k or hi == lo + 1."""
-  zeros = jnp.zeros(_shp(tile), _I32)
+  zeros = jnp.zeros((tile,), _I32)
 
   def count_ge(p):
-    return _total(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
+    return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
 
   lo, hi, c_lo, c_hi, bisect, _ = _initial_bracket(fold, tile, n_valid)
 
@@ -346,117 +309,13 @@ def _single_probe_search(fold, tile, k, cfg, n_valid):
   return lo, hi, c_lo, c_hi, None, None
 
 
-def _key_to_float(key):
-  """Inverse of ``_sortable_u32`` on valid keys (key 0, an invalid lane, maps to NaN)."""
-  u = jnp.where((key >> 31) == 1, key & _U32(0x7FFFFFFF), ~key)
-  return lax.bitcast_convert_type(u, jnp.float32)
-
-
-def _upper_normal_quantile(p):
-  """z with P(N(0, 1) >= z) = p for 0 < p < 1 (Abramowitz & Stegun 26.2.23, |error| < 5e-4):
-  only a first guess, so a short rational form does."""
-  q = jnp.minimum(p, 1.0 - p)
-  t = jnp.sqrt(-2.0 * jnp.log(q))
-  z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (
-      1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
-  return jnp.where(p > 0.5, -z, z)
-
-
-def _illinois_search(fold, tile, k, cfg, n_valid):
-  """One count per pass, fewer passes than ``_single_probe_search`` (v3), same result.
-
-  - The first pass also sums the row's values and squares; the first probe is the value a
-    normal distribution of that mean and spread would have k keys above. Real logit rows are
-    not normal, but the guess still lands near the threshold, where the count is steep, and a
-    non-finite guess (a row holding +-inf or NaN) falls back to interpolation.
-  - Then regula falsi with the Illinois weighting: when the same end of the bracket is kept
-    twice in a row, its distance to k counts half, so the probes stop creeping in from one
-    side (on N(0, 1) rows of 32K keys: ~6 passes instead of ~12 in a float64 simulation).
-  - After a pass that moved no count (the bracket's interior empty on one side, typical of
-    tied values), the next pass also takes the min / max key inside the bracket and snaps
-    the bracket to them: a bracket holding one distinct value then closes at once.
-  - Three passes in a row that fail to halve the bracket are followed by a bisection: at
-    most ~4 x 32 passes whatever the data.
-  """
-  zeros = jnp.zeros(_shp(tile), _I32)
-  big = _U32(0xFFFFFFFF)
-
-  def first(acc, key, _):
-    mx, mn, s1, s2 = acc
-    x = jnp.where(key > 0, _key_to_float(key), 0.0)
-    return (jnp.maximum(mx, key), jnp.minimum(mn, jnp.where(key > 0, key, big)),
-            s1 + x, s2 + x * x)
-
-  f0 = jnp.zeros(_shp(tile), jnp.float32)
-  kmax, kmin, s1, s2 = fold(first, (jnp.zeros(_shp(tile), _U32), jnp.full(_shp(tile), big), f0, f0))
-  lo, hi = _total(kmin, jnp.min), _total(kmax, jnp.max) + _U32(1)   # max valid key <= 0xFF800000: no wrap
-  nf = n_valid.astype(jnp.float32)
-  mean = _total(s1) / nf
-  std = jnp.sqrt(jnp.maximum(_total(s2) / nf - mean * mean, 0.0))
-  est = mean + std * _upper_normal_quantile(jnp.float32(k) / nf)
-  g = _sortable_u32(jnp.where(jnp.isfinite(est), est, 0.0))
-  # A guess outside the bracket (or not finite) is no guess: interpolation takes over.
-  guess_ok = jnp.isfinite(est) & (g > lo) & (g < hi)
-
-  def count_ge(p, lo, hi, snap):
-    def fn(acc, key, _):
-      cnt, mn, mx = acc
-      cnt = cnt + (key >= p).astype(_I32)
-      if snap:
-        inb = (key >= lo) & (key < hi)
-        mn = jnp.minimum(mn, jnp.where(inb, key, big))
-        mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
-      return cnt, mn, mx
-    if not snap:
-      cnt = fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros)
-      zero = lo - lo   # traced: a Triton scf.if cannot yield a bare constant
-      return _total(cnt), zero, zero + _U32(0xFFFFFFFE)
-    cnt, mn, mx = fold(fn, (zeros, jnp.full(_shp(tile), big), jnp.zeros(_shp(tile), _U32)))
-    return _total(cnt), _total(mn, jnp.min), _total(mx, jnp.max)
-
-  def cond(c):
-    lo, hi, c_lo = c[0], c[1], c[2]
-    return (c_lo != k) & (hi - lo > _U32(1))
-
-  def body(c):
-    lo, hi, c_lo, c_hi, f_lo, f_hi, side, stall, stuck, use_guess = c
-    w = hi - lo                                        # >= 2
-    half = w >> 1
-    wf = w.astype(jnp.float32)
-    d = jnp.clip(jnp.floor(f_lo / (f_lo - f_hi) * wf), 1.0, wf).astype(_U32)
-    d = jnp.where(use_guess, g - lo, d)
-    d = jnp.clip(d, _U32(1), w - _U32(1))
-    d = jnp.where(stall >= 3, half, d)
-    p = lo + d
-    cnt, mn, mx = lax.cond(stuck, lambda: count_ge(p, lo, hi, True),
-                           lambda: count_ge(p, lo, hi, False))
-    up = cnt >= k
-    fc = (cnt - k).astype(jnp.float32)
-    new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
-    # No key of the old bracket lies below mn or above mx: snapping keeps both counts.
-    new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
-    stall = jnp.where((new_hi - new_lo - _U32(1)) > half, stall + 1, stall * 0)
-    # Illinois: the end kept twice in a row weighs half.
-    new_flo = jnp.where(up, fc, jnp.where(side < 0, f_lo * 0.5, f_lo))
-    new_fhi = jnp.where(up, jnp.where(side > 0, f_hi * 0.5, f_hi), fc)
-    stuck = jnp.where(up, cnt == c_lo, cnt == c_hi)
-    return (new_lo, new_hi, jnp.where(up, cnt, c_lo), jnp.where(up, c_hi, cnt), new_flo,
-            new_fhi, jnp.where(up, side * 0 + 1, side * 0 - 1), stall, stuck,
-            up & jnp.logical_not(up))   # the last two: traced int32 / False, as Triton wants
-
-  init = (lo, hi, n_valid, jnp.int32(0), (n_valid - k).astype(jnp.float32),
-          jnp.float32(-k), jnp.int32(0), jnp.int32(0), jnp.bool_(False), guess_ok)
-  lo, hi, c_lo, c_hi = lax.while_loop(cond, body, init)[:4]
-  return lo, hi, c_lo, c_hi, None, None
-
-
 def _initial_bracket(fold, tile, n_valid):
   """Everything valid is >= the min key; nothing is >= max + 1 (one pass)."""
   kmax, kmin = fold(
       lambda acc, key, idx: (jnp.maximum(acc[0], key),
                              jnp.minimum(acc[1], jnp.where(key > 0, key, _U32(0xFFFFFFFF)))),
-      (jnp.zeros(_shp(tile), _U32), jnp.full(_shp(tile), 0xFFFFFFFF, _U32)))
-  lo, hi = _total(kmin, jnp.min), _total(kmax, jnp.max) + _U32(1)   # max valid key <= 0xFF800000: no wrap
+      (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
+  lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
   return lo, hi, n_valid, jnp.int32(0), jnp.bool_(False), jnp.bool_(False)
 
 
@@ -483,29 +342,29 @@ def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=True):
       mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
     return tuple(words), mn, mx
 
-  words, mn, mx = fold(fn, (tuple(jnp.zeros(_shp(tile), _U32) for _ in range(n_words)),
-                            jnp.full(_shp(tile), 0xFFFFFFFF, _U32), jnp.zeros(_shp(tile), _U32)))
+  words, mn, mx = fold(fn, (tuple(jnp.zeros((tile,), _U32) for _ in range(n_words)),
+                            jnp.full((tile,), 0xFFFFFFFF, _U32), jnp.zeros((tile,), _U32)))
   counts = []
   for w in range(n_words):
     nf = min(per_word, P - w * per_word)
     if fbits == 32:
-      counts.append(_total(words[w]).astype(_I32))
+      counts.append(jnp.sum(words[w]).astype(_I32))
     elif fbits == 16 and n_max < (1 << 16):
-      tot = _total(words[w])
+      tot = jnp.sum(words[w])
       counts += [(tot & 0xFFFF).astype(_I32), (tot >> 16).astype(_I32)][:nf]
     elif fbits == 8 and n_max < (1 << 16):
       fm = _U32(0x00FF00FF)
-      t02 = _total(words[w] & fm)
-      t13 = _total((words[w] >> 8) & fm) if nf > 1 else _U32(0)
+      t02 = jnp.sum(words[w] & fm)
+      t13 = jnp.sum((words[w] >> 8) & fm) if nf > 1 else _U32(0)
       counts += [(t02 & 0xFFFF).astype(_I32), (t13 & 0xFFFF).astype(_I32),
                  (t02 >> 16).astype(_I32), (t13 >> 16).astype(_I32)][:nf]
     else:
       mask = _U32((1 << fbits) - 1)
-      counts += [_total((words[w] >> (f * fbits)) & mask).astype(_I32) for f in range(nf)]
+      counts += [jnp.sum((words[w] >> (f * fbits)) & mask).astype(_I32) for f in range(nf)]
   if not snap:   # no snapping: max(new_lo, 0) and min(new_hi, 0xFFFFFFFF) change nothing
     zero = lo - lo   # traced: a Triton scf.if cannot yield a bare constant
     return counts, zero, zero + _U32(0xFFFFFFFE)
-  return counts, _total(mn, jnp.min), _total(mx, jnp.max)
+  return counts, jnp.min(mn), jnp.max(mx)
 
 
 def _search(fold, tile, n_tiles, n_max, k, cfg, state, stop):
@@ -574,28 +433,16 @@ def _write(fold, o_ref, row, k, state):
     off_sure, off_tie = acc
     sure = key >= g
     tie = (key == lo) & jnp.logical_not(exact)
-    # Two counts per int32 (a tile holds < 2**15 keys): one prefix sum serves both.
-    f = sure.astype(_I32) + (tie.astype(_I32) << 16)
-    cs = jnp.cumsum(f, axis=-1)
-    if key.ndim == 2:
-      # A stacked block: rows are consecutive tiles; offset each by the rows before it.
-      per_row = jnp.sum(f, axis=-1)                                     # [R]
-      rs, rt = per_row & 0xFFFF, per_row >> 16
-      before_s = lax.broadcast_in_dim(jnp.cumsum(rs) - rs, key.shape, [0])
-      before_t = lax.broadcast_in_dim(jnp.cumsum(rt) - rt, key.shape, [0])
-      tot_s, tot_t = jnp.sum(rs), jnp.sum(rt)
-    else:
-      before_s = before_t = 0
-      total = jnp.max(cs)
-      tot_s, tot_t = total & 0xFFFF, total >> 16
-    p_sure = off_sure + before_s + (cs & 0xFFFF) - 1
-    p_tie = c_g + off_tie + before_t + (cs >> 16) - 1
+    cs = jnp.cumsum(sure.astype(_I32) + (tie.astype(_I32) << 16))
+    p_sure = off_sure + (cs & 0xFFFF) - 1
+    p_tie = c_g + off_tie + (cs >> 16) - 1
     pos = jnp.where(sure, p_sure, p_tie)
     m = sure | (tie & (p_tie < k))
     # Masked lanes point past the row: a GPU store skips them, and interpret mode, which
     # scatters every lane, drops out-of-bounds updates instead of clobbering a slot.
     plt.store(o_ref.at[row, jnp.where(m, pos, k)], idx, mask=m)
-    return off_sure + tot_s, off_tie + tot_t
+    total = jnp.max(cs)
+    return off_sure + (total & 0xFFFF), off_tie + (total >> 16)
 
   fold(write, (jnp.int32(0), jnp.int32(0)))
 

@@ -121,11 +121,6 @@ def test_topk_pallas_order_and_tie_rule(case):
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
                            out_chunk=32),                             # bisection only
     topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1),   # one probe a pass
-    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1,
-                           search="illinois"),                        # Illinois search
-    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1,
-                           stack=False),                              # tiles, not one block
-    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, probes=1),  # Illinois, streamed
     topk_kernel.TopKConfig(tile=64, resident=False, num_warps=4, probes=3),   # odd probe count
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
                            probes=5),                                 # multisection
@@ -133,9 +128,7 @@ def test_topk_pallas_order_and_tie_rule(case):
     topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, compact=64),  # scratch tiles
     topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, compact=100,
                            probes=2),                                 # one scratch tile
-], ids=["resident_tiles", "streaming", "bisection", "one_probe", "one_probe_illinois",
-                                  "one_probe_unstacked",
-                                  "one_probe_streaming", "three_probes", "multisection",
+], ids=["resident_tiles", "streaming", "bisection", "one_probe", "three_probes", "multisection",
         "wide_lane_counts", "compact", "compact_one_tile"])
 @pytest.mark.parametrize("case", ["distinct", "ties"])
 def test_topk_pallas_configs(config, case):
@@ -143,22 +136,6 @@ def test_topk_pallas_configs(config, case):
   out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
                                  interpret=True, config=config)
   np.testing.assert_array_equal(np.asarray(out), _expected_order(x, lo, hi, k))
-
-
-@pytest.mark.parametrize("stack", [True, False])
-def test_topk_pallas_resident_rows_not_a_power_of_two_tiles(stack):
-  """A register-resident row of 6 tiles (stacked into an 8-row block whose last rows are all
-  masked), ragged [ks, ke), ties at the threshold: same indices, same order either way."""
-  rng = np.random.default_rng(11)
-  T, S, k = 4, 700, 90
-  x = rng.standard_normal((T, S)).astype(np.float32)
-  x[2] = np.round(x[2] * 2) / 2
-  ks = np.array([0, 130, 5, 0], np.int32)
-  ke = np.array([S, 650, S, 200], np.int32)
-  cfg = topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=1, stack=stack)
-  out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
-                                 interpret=True, config=cfg)
-  np.testing.assert_array_equal(np.asarray(out), _expected_order(x, ks, ke, k))
 
 
 def test_topk_pallas_long_rows_interpret():
