@@ -202,7 +202,7 @@ def demo(args, log=print) -> dict:
   if sum(prefix):
     _, _, cache, out["prompt_s"] = _prefill_round(
         "prompt prefill", steps, cfg, rng, prefix, [0] * B, tables, cache, counter, log,
-        bucket=args.bucket, repeat=False)
+        bucket=args.bucket, repeat=True)
   slots, batch, cache, out["extend_s"] = _prefill_round(
       "extend prefill", steps, cfg, rng, ext, prefix, tables, cache, counter, log,
       bucket=args.bucket, repeat=True)
