@@ -18,6 +18,9 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
   whichever SM frees up, which balances ragged batches without a device-side schedule.
   Several CTAs stay resident per SM (46 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
   H = 64 and 4 stages: 4 per SM), so one CTA's epilogue overlaps another's loads.
+  Measured on the H100 and not kept (benchmarks/NOTES.md): a persistent grid with equal page
+  segments per CTA (DeepGEMM's schedule), and the block-table slice copied to SMEM first;
+  both were slower than this grid.
 - Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]`` and head weights once, then
   keep ``config.num_stages`` pages (8 KiB of keys plus 256 B of scales each) in flight in an
   SMEM ring guarded by one mbarrier per slot. The page id is read from the block table (a
