@@ -78,12 +78,11 @@ def _ladder(step: int, upto: int):
   return tuple(range(step, upto + step, step)) if step else None
 
 
-def _prefill_round(name, steps, cfg, rng, ext, pre, tables, cache, counter, log, *, bucket,
-                   repeat):
+def _prefill_round(name, steps, cfg, rng, ext, pre, tables, cache, counter, log, *, bucket):
   """One ragged prefill through the jitted step; returns (slots, batch, cache, seconds).
 
-  With ``repeat`` the same batch runs twice and the second (steady-state) time is returned;
-  else the first call's time, compile included."""
+  The same batch runs twice: the first call's time (compile included) is printed, the second
+  (steady-state) time is returned."""
   batch = nsa_jax.build_ragged_batch(ext, pre, token_buckets=_ladder(bucket, sum(ext)),
                                      key_buckets=_ladder(bucket, sum(ext) + sum(pre)))
   inp = prefill_inputs(batch, tables, num_pages=cache.num_pages)
@@ -105,10 +104,6 @@ def _prefill_round(name, steps, cfg, rng, ext, pre, tables, cache, counter, log,
   t_first = time.perf_counter() - t0
   compiles = steps.cache_sizes()["prefill"] - p0
   tag = "new bucket: compiled" if compiles else "bucket already compiled"
-  if not repeat:
-    log(f"  first call {t_first * 1e3:9.1f} ms ({tag}; {batch.num_tokens / t_first:,.0f} "
-        f"tokens/s including that)")
-    return np.asarray(slots), batch, cache, t_first
   # Same inputs again: rewrites the same keys into the same slots, so the cache is unchanged;
   # this is the steady-state time of a batch in an already compiled bucket.
   c1 = counter.n
@@ -202,10 +197,10 @@ def demo(args, log=print) -> dict:
   if sum(prefix):
     _, _, cache, out["prompt_s"] = _prefill_round(
         "prompt prefill", steps, cfg, rng, prefix, [0] * B, tables, cache, counter, log,
-        bucket=args.bucket, repeat=True)
+        bucket=args.bucket)
   slots, batch, cache, out["extend_s"] = _prefill_round(
       "extend prefill", steps, cfg, rng, ext, prefix, tables, cache, counter, log,
-      bucket=args.bucket, repeat=True)
+      bucket=args.bucket)
   last_rows = np.cumsum(ext) - 1
   has = [b for b in range(B) if ext[b] > 0]
   _summarize(log, "selected keys of each request's last new token (prefill):",
