@@ -112,8 +112,13 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
     my_tiles = total_ref[cta]   # key tiles over all of this CTA's query blocks
 
     def block_of(m):
+      """(query block, its first token, its q buffer, first key tile, key tile count) of
+      this CTA's m-th block."""
       j = cta + m * G
-      return num_q_blocks - 1 - j if cfg.heavy_first else j
+      qb = num_q_blocks - 1 - j if cfg.heavy_first else j
+      t0, buf = qb * BQ, lax.rem(m, 2)
+      lo = lo_ref[qb]
+      return qb, t0, buf, lo, hi_ref[qb] - lo
 
     @pl.when(wg == 2)
     def _producer():
@@ -124,11 +129,7 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
         plgpu.commit_smem()
 
       def per_block(m, g):
-        qb = block_of(m)
-        t0 = qb * BQ
-        buf = lax.rem(m, 2)
-        lo = lo_ref[qb]
-        n = hi_ref[qb] - lo
+        qb, t0, buf, lo, n = block_of(m)
 
         @pl.when(m >= 2)
         def _():
@@ -168,11 +169,7 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
       out_buf = o_smem.at[wg]
 
       def per_block(m, g):
-        qb = block_of(m)
-        t0 = qb * BQ
-        buf = lax.rem(m, 2)
-        lo = lo_ref[qb]
-        n = hi_ref[qb] - lo
+        qb, t0, buf, lo, n = block_of(m)
         kss = [ks_ref[t0 + j] for j in range(BQ)]
         kes = [ke_ref[t0 + j] for j in range(BQ)]
         plgpu.barrier_wait(q_bar.at[buf])

@@ -190,15 +190,23 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
   ckpt = _Checkpoint(checkpoint)
   pre = (prefix or HF_PREFIX).format(layer=layer)
   missing, wrong, tensors = [], [], {}
-  for short, shape in _expected(config).items():
-    name = pre + short
+
+  def fetch(name, shape, note=""):
+    """The tensor, or None after recording it as missing or mis-shaped."""
     hit = ckpt.find(name)
     if hit is None:
-      missing.append(f"{name} {list(shape)}")
-      continue
+      missing.append(f"{name} {list(shape)}{note}")
+      return None
     t = read_tensor(*hit, name)
     if t.shape != shape:
       wrong.append(f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+      return None
+    return t
+
+  for short, shape in _expected(config).items():
+    name = pre + short
+    t = fetch(name, shape)
+    if t is None:
       continue
     if not (np.issubdtype(t.dtype, np.floating) or t.dtype in _FP8 or
             t.dtype == np.dtype(ml_dtypes.bfloat16)):
@@ -210,13 +218,8 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
         continue
       sname = name[: -len("weight")] + "weight_scale_inv"
       sshape = tuple(-(-d // WEIGHT_BLOCK) for d in shape)
-      shit = ckpt.find(sname)
-      if shit is None:
-        missing.append(f"{sname} {list(sshape)} (the scales of fp8 {name})")
-        continue
-      s = read_tensor(*shit, sname)
-      if s.shape != sshape:
-        wrong.append(f"{sname}: expected shape {list(sshape)}, got {list(s.shape)}")
+      s = fetch(sname, sshape, f" (the scales of fp8 {name})")
+      if s is None:
         continue
       t = dequant_weight(t, s)
     tensors[short] = t
