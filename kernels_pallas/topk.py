@@ -77,7 +77,8 @@ from jax.experimental.pallas import triton as plt
 
 _U32 = jnp.uint32
 _I32 = jnp.int32
-_RESIDENT_MAX = 32768   # keys a row may hold in registers (32 warps x 32 threads x 32 keys)
+_RESIDENT_MAX = 32768   # keys a row may hold in registers (16 warps x 32 threads x 64 keys)
+_V = 4                  # keys a thread loads per resident tile: one 16-byte vector
 _MAX_TILE = 1 << 15     # per-tile prefix sums pack two 16-bit counts into one int32
 
 # jax 0.11 deprecates Pallas-Triton in favour of Mosaic GPU (warned at every lowering). This
@@ -108,6 +109,7 @@ class TopKConfig:
     probes: thresholds counted per pass (P); more probes shrink the bracket faster for ~3
       more instructions a key each. ``probes=1`` with ``compact=0`` runs the single-probe
       search (regula falsi / bisection, no in-bracket min / max; see the module docstring).
+      None: 1 for resident rows (the only search they run), 8 for streaming ones.
     compact: candidate budget C (0: off). Once at most W = k + C (rounded up to whole
       tiles) keys remain >= lo, one pass copies them to a per-row scratch of W keys and
       indices, and the rest of the search and the write run over that scratch only.
@@ -118,12 +120,17 @@ class TopKConfig:
   num_warps: int
   interpolate: bool = True
   out_chunk: int = 2048
-  probes: int = 8
+  probes: int | None = None
   compact: int = 0
 
   def __post_init__(self):
+    if self.probes is None:
+      object.__setattr__(self, "probes", 1 if self.resident else 8)
     if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
       raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
+    if self.resident and (self.tile < _V or self.probes != 1 or self.compact):
+      raise ValueError(f"resident rows take tile >= {_V}, probes=1 and compact=0 (the "
+                       f"single-probe search over [tile/{_V}, {_V}] register tiles), got {self}")
     if self.compact < 0:
       raise ValueError(f"compact must be >= 0, got {self.compact}")
     if self.probes < 1:
@@ -133,16 +140,17 @@ class TopKConfig:
 
   @classmethod
   def default(cls, num_keys: int, k: int) -> "TopKConfig":
-    """A register-resident row up to 32K keys (32 keys a thread, single-probe search, 4096-key
-    tiles), else a streaming row (8 probes a pass, candidate compaction with C = 2048)."""
+    """A register-resident row up to 32K keys (tiles of one 4-key row a thread: 8 warps up to
+    8K keys, 16 warps above, i.e. 32-64 keys a thread), else a streaming row (8 probes a
+    pass, candidate compaction with C = 2048)."""
     out_chunk = min(_next_pow2(k), 2048)
     width = _next_pow2(num_keys)
     if width <= _RESIDENT_MAX:
-      # Single-probe search: measured faster than 2 or 4 probes a pass on resident rows
-      # (module docstring), e.g. res/t4096/w8 at 8K keys and res/t4096/w32 at 32K keys.
-      num_warps = min(max(width // 1024, 4), 32)
-      return cls(tile=min(width, 4096), resident=True, num_warps=num_warps,
-                 out_chunk=out_chunk, probes=1)
+      # Measured on the H100 (benchmarks/NOTES.md): at 32K keys 16 warps x 64 keys beat
+      # 32 x 32 (0.80 vs 0.83 ms); at 8K keys 8 warps beat 16 and 32.
+      num_warps = 4 if width <= 2048 else 8 if width <= 8192 else 16
+      return cls(tile=max(_V, min(width, 32 * _V * num_warps)), resident=True, num_warps=num_warps,
+                 out_chunk=out_chunk)
     return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk, compact=2048)
 
 
@@ -196,6 +204,10 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
 
   @pl.when(n_valid > k)
   def _select():
+    if cfg.resident:
+      _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, num_keys=S, k=k, cfg=cfg)
+      return
+
     def load(t):
       """Tile t: (keys, absolute indices); keys outside [lo, hi) are 0."""
       # A traced start: the last tile may run past S (masked), which a static slice rejects.
@@ -205,22 +217,19 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
       x = plt.load(x_ref.at[row, pl.ds(start, tile)], mask=valid, other=0.0)
       return jnp.where(valid, _sortable_u32(x), _U32(0)), idx
 
-    if cfg.resident:
-      tiles = [load(t) for t in range(n_tiles)]
+    t_lo, t_hi = lo_i // tile, pl.cdiv(hi_i, tile)
 
-      def fold(fn, init):
-        acc = init
-        for key, idx in tiles:
-          acc = fn(acc, key, idx)
-        return acc
-    else:
-      t_lo, t_hi = lo_i // tile, pl.cdiv(hi_i, tile)
-
-      def fold(fn, init):
-        return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
+    def fold(fn, init):
+      return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
 
     if cfg.probes == 1 and not cfg.compact:
-      _write(fold, o_ref, row, k, _single_probe_search(fold, tile, k, cfg, n_valid))
+      zeros = jnp.zeros((tile,), _I32)
+
+      def count_ge(p):
+        return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
+
+      state = _single_probe_search(count_ge, _initial_bracket(fold, tile, n_valid), k, cfg)
+      _write(fold, o_ref, row, k, state)
       return
     W = sk_ref.shape[1] if cfg.compact else 0
     state = _search(fold, tile, n_tiles, S, k, cfg, _initial_bracket(fold, tile, n_valid),
@@ -269,14 +278,82 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
       _write(fold_s, o_ref, row, k, st)
 
 
-def _single_probe_search(fold, tile, k, cfg, n_valid):
-  """One count per pass: (lo, hi, c_lo, c_hi, _, _) with c_lo == k or hi == lo + 1."""
-  zeros = jnp.zeros((tile,), _I32)
+def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg):
+  """A row of more than k valid keys held in registers as [tile / 4, 4] tiles.
+
+  Tile t holds keys ``t * tile + 4 * i + j`` at (i, j): each thread loads whole 16-byte
+  vectors, unmasked except in a last tile that runs past S (the [ks, ke) range is applied
+  after the load, so the loads do not wait for it). Counts are summed per tile row first
+  (within a thread) and once across the block per pass.
+  """
+  S, tile = num_keys, cfg.tile
+  R, NT = tile // _V, pl.cdiv(S, tile)
+  lane = (lax.broadcasted_iota(_I32, (R, _V), 0) * _V
+          + lax.broadcasted_iota(_I32, (R, _V), 1))
+  keys = []
+  for t in range(NT):
+    idx = t * tile + lane
+    if (t + 1) * tile <= S:
+      x = plt.load(x_ref.at[row, idx])
+    else:
+      x = plt.load(x_ref.at[row, jnp.minimum(idx, S - 1)], mask=idx < S, other=0.0)
+    keys.append(jnp.where((idx >= lo_i) & (idx < hi_i), _sortable_u32(x), _U32(0)))
 
   def count_ge(p):
-    return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
+    acc = jnp.zeros((R,), _I32)
+    for key in keys:
+      acc = acc + jnp.sum((key >= p).astype(_I32), axis=1)
+    return jnp.sum(acc)
 
-  lo, hi, c_lo, c_hi, bisect, _ = _initial_bracket(fold, tile, n_valid)
+  kmax = jnp.zeros((R,), _U32)
+  kmin = jnp.full((R,), 0xFFFFFFFF, _U32)
+  for key in keys:
+    kmax = jnp.maximum(kmax, jnp.max(key, axis=1))
+    kmin = jnp.minimum(kmin, jnp.min(jnp.where(key > 0, key, _U32(0xFFFFFFFF)), axis=1))
+  # Everything valid is >= the min key; nothing is >= max + 1 (max valid key <= 0xFF800000).
+  bracket = (jnp.min(kmin), jnp.max(kmax) + _U32(1), n_valid, jnp.int32(0), jnp.bool_(False),
+             None)
+  lo, hi, c_lo, c_hi, _, _ = _single_probe_search(count_ge, bracket, k, cfg)
+  exact = c_lo == k
+
+  @pl.when(exact)
+  def _no_ties():
+    # Exactly the k keys >= lo: one block-wide scan of per-thread counts places them, each
+    # thread's keys in a run of slots (thread-major order, not ascending index).
+    n = jnp.zeros((R,), _I32)
+    for key in keys:
+      n = n + jnp.sum((key >= lo).astype(_I32), axis=1)
+    run = jnp.cumsum(n) - n
+    for t, key in enumerate(keys):
+      sel = key >= lo
+      c = sel.astype(_I32)
+      pos = run[:, None] + jnp.cumsum(c, axis=1) - c
+      plt.store(o_ref.at[row, jnp.where(sel, pos, k)], t * tile + lane, mask=sel)
+      run = run + jnp.sum(c, axis=1)
+
+  @pl.when(jnp.logical_not(exact))
+  def _ties():
+    # lo is the k-th largest key and ties with the (k+1)-th: the c_hi keys above it, then
+    # the lowest-index ties, all in ascending index (one block scan and sum per tile).
+    off_s, off_t = jnp.int32(0), jnp.int32(0)
+    for t, key in enumerate(keys):
+      sure, tie = key >= hi, key == lo
+      c = sure.astype(_I32) + (tie.astype(_I32) << 16)   # a tile's counts fit 16 bits
+      rs = jnp.sum(c, axis=1)
+      pk = (jnp.cumsum(rs) - rs)[:, None] + jnp.cumsum(c, axis=1) - c
+      p_sure = off_s + (pk & 0xFFFF)
+      p_tie = c_hi + off_t + (pk >> 16)
+      pos = jnp.where(sure, p_sure, p_tie)
+      m = sure | (tie & (p_tie < k))
+      plt.store(o_ref.at[row, jnp.where(m, pos, k)], t * tile + lane, mask=m)
+      tot = jnp.sum(rs)
+      off_s, off_t = off_s + (tot & 0xFFFF), off_t + (tot >> 16)
+
+
+def _single_probe_search(count_ge, bracket, k, cfg):
+  """One count per pass from ``bracket`` (see ``_initial_bracket``) on:
+  (lo, hi, c_lo, c_hi, _, _) with c_lo == k or hi == lo + 1."""
+  lo, hi, c_lo, c_hi, bisect, _ = bracket
 
   def cond(c):
     lo, hi, c_lo, _, _ = c
