@@ -37,19 +37,27 @@ Per row (one program each), for the keys in [ks, ke):
    ascending index, to a per-row scratch (an extra output, L2-resident while the row is
    worked on), and the search and the last pass go on over the scratch: the row itself is
    read 2-5 times plus that pass (N(0, 1) data, C = 2048) instead of 5-8 times plus the last.
-4. A last pass writes the indices by an in-tile prefix sum: first every key above the
-   threshold (ascending index), then keys equal to the threshold (ascending index) until k
-   slots are filled.
+4. A last pass writes the indices. Resident rows without a tie at the threshold (exactly k
+   keys >= lo, the usual case): each thread counts its selected keys, one block-wide
+   exclusive scan of those counts gives every thread its run of output slots, and the thread
+   fills its run in its own key order (thread-major order). Otherwise (ties at lo, or a
+   streaming row): an in-tile prefix sum per tile writes every key above the threshold
+   (ascending index), then keys equal to it (ascending index) until k slots are filled.
 
-Order and tie rule: when the k-th and (k+1)-th largest keys differ, the k indices come in
-ascending index order. When they tie, the keys strictly above the tie come first (ascending
-index), then the tied keys in ascending index order until k slots are filled: the lowest tied
-indices win (as in the xla backend, whose order is descending by value instead). The selected
-set equals the reference's whenever values are distinct, and whenever ties are broken by index.
+Order and tie rule: the order of the k indices within a row is unspecified (thread-major for
+resident rows without a tie, ascending index otherwise; ``ascending=True`` asks for ascending
+index always, at the cost of the per-tile write on resident rows). The set is specified: every key
+above the k-th largest, then, when the k-th and (k+1)-th largest keys tie, the lowest-index
+tied keys until k are chosen (the xla backend picks the same set, in descending value
+order). The selected set equals the reference's whenever values are distinct, and whenever
+ties are broken by index. Rows with <= k valid keys list them in ascending index, then -1.
 
 Two ways to hold the row, picked statically from S:
-- resident (S <= ``_RESIDENT_MAX``): the row is loaded once as a few tiles kept in registers
-  (one CTA of up to 32 warps: 32 keys a thread) and every pass reads registers only.
+- resident (S <= ``_RESIDENT_MAX``): the row is loaded once as ``[tile / 4, 4]`` tiles kept in
+  registers (one CTA of 16 warps at 32K keys: 64 keys a thread, one 16-byte vector per tile);
+  the loads do not depend on ks / ke (the range is applied to the loaded keys), every pass
+  reads registers only, and each count is summed within a thread's tile rows before one
+  block-wide sum per pass.
 - streaming (longer rows): each pass reads the row's tiles again (from L2 while the rows in
   flight fit it, else from HBM), looping over the tiles that overlap [ks, ke) only.
 
@@ -182,7 +190,7 @@ def _sortable_u32(x):
 
 
 def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_keys, k,
-                 cfg: TopKConfig, barrier: bool = True):
+                 cfg: TopKConfig, ascending: bool = False, barrier: bool = True):
   S, tile = num_keys, cfg.tile
   n_tiles = pl.cdiv(S, tile)
   row = pl.program_id(0)
@@ -205,7 +213,8 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
   @pl.when(n_valid > k)
   def _select():
     if cfg.resident:
-      _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, num_keys=S, k=k, cfg=cfg)
+      _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, num_keys=S, k=k, cfg=cfg,
+                       ascending=ascending)
       return
 
     def load(t):
@@ -278,7 +287,7 @@ def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_
       _write(fold_s, o_ref, row, k, st)
 
 
-def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg):
+def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg, ascending):
   """A row of more than k valid keys held in registers as [tile / 4, 4] tiles.
 
   Tile t holds keys ``t * tile + 4 * i + j`` at (i, j): each thread loads whole 16-byte
@@ -316,6 +325,28 @@ def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg
   lo, hi, c_lo, c_hi, _, _ = _single_probe_search(count_ge, bracket, k, cfg)
   exact = c_lo == k
 
+  def ascending_write(g, c_g, with_ties):
+    # Every key >= g, then (with_ties) the lowest-index keys == lo after the c_g above it,
+    # all in ascending index: one block scan and one block sum per tile.
+    off_s, off_t = jnp.int32(0), jnp.int32(0)
+    for t, key in enumerate(keys):
+      sure, tie = key >= g, (key == lo) & with_ties
+      c = sure.astype(_I32) + (tie.astype(_I32) << 16)   # a tile's counts fit 16 bits
+      rs = jnp.sum(c, axis=1)
+      pk = (jnp.cumsum(rs) - rs)[:, None] + jnp.cumsum(c, axis=1) - c
+      p_sure = off_s + (pk & 0xFFFF)
+      p_tie = c_g + off_t + (pk >> 16)
+      pos = jnp.where(sure, p_sure, p_tie)
+      m = sure | (tie & (p_tie < k))
+      plt.store(o_ref.at[row, jnp.where(m, pos, k)], t * tile + lane, mask=m)
+      tot = jnp.sum(rs)
+      off_s, off_t = off_s + (tot & 0xFFFF), off_t + (tot >> 16)
+
+  if ascending:
+    ascending_write(jnp.where(exact, lo, hi), jnp.where(exact, k, c_hi),
+                    jnp.logical_not(exact))
+    return
+
   @pl.when(exact)
   def _no_ties():
     # Exactly the k keys >= lo: one block-wide scan of per-thread counts places them, each
@@ -333,22 +364,9 @@ def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg
 
   @pl.when(jnp.logical_not(exact))
   def _ties():
-    # lo is the k-th largest key and ties with the (k+1)-th: the c_hi keys above it, then
-    # the lowest-index ties, all in ascending index (one block scan and sum per tile).
-    off_s, off_t = jnp.int32(0), jnp.int32(0)
-    for t, key in enumerate(keys):
-      sure, tie = key >= hi, key == lo
-      c = sure.astype(_I32) + (tie.astype(_I32) << 16)   # a tile's counts fit 16 bits
-      rs = jnp.sum(c, axis=1)
-      pk = (jnp.cumsum(rs) - rs)[:, None] + jnp.cumsum(c, axis=1) - c
-      p_sure = off_s + (pk & 0xFFFF)
-      p_tie = c_hi + off_t + (pk >> 16)
-      pos = jnp.where(sure, p_sure, p_tie)
-      m = sure | (tie & (p_tie < k))
-      plt.store(o_ref.at[row, jnp.where(m, pos, k)], t * tile + lane, mask=m)
-      tot = jnp.sum(rs)
-      off_s, off_t = off_s + (tot & 0xFFFF), off_t + (tot >> 16)
-
+    # lo is the k-th largest key and ties with the (k+1)-th: the c_hi keys above it (>= hi,
+    # as hi == lo + 1), then the lowest-index ties.
+    ascending_write(hi, c_hi, jnp.bool_(True))
 
 def _single_probe_search(count_ge, bracket, k, cfg):
   """One count per pass from ``bracket`` (see ``_initial_bracket``) on:
@@ -524,16 +542,17 @@ def _write(fold, o_ref, row, k, state):
   fold(write, (jnp.int32(0), jnp.int32(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "config", "ascending"))
 def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
-                 config: TopKConfig | None = None) -> jax.Array:
+                 config: TopKConfig | None = None, ascending: bool = False) -> jax.Array:
   """Per row, the indices of the k largest logits among keys in [ks, ke).
 
   Semantics are those of ``nsa_jax.reference.topk_indices`` (NaN ranks as -inf, every valid
   key above every invalid one, -1 fill, rows with <= k valid keys returned whole without
-  reading values) except the order within a row: ascending index, except that when the k-th
-  largest key ties with the (k+1)-th, keys above it come first and the lowest-index ties
-  follow (the tie rule: lowest index wins, as in the reference).
+  reading values and listed in ascending index) except the order within a row, which is
+  unspecified unless ``ascending``. The set follows the reference's tie rule: when the k-th
+  largest key ties with the (k+1)-th, every key above it and then the lowest-index ties are
+  chosen.
 
   Args:
     logits: float32 [T, S].
@@ -541,6 +560,9 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
     k: static count, may exceed S.
     interpret: run in Pallas interpret mode (CPU).
     config: static :class:`TopKConfig`; None picks ``TopKConfig.default(S, k)``.
+    ascending: list each row's indices in ascending order (resident rows then always run the
+      per-tile scan write: a block-wide scan and sum per tile instead of one scan per row;
+      streaming rows are ascending anyway).
 
   Returns:
     int32 [T, k].
@@ -550,14 +572,14 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
   if why:
     raise ValueError(f"topk kernel: {why}")
   cfg = config or TopKConfig.default(S, k)
-  kernel = functools.partial(_topk_kernel, num_keys=S, k=k, cfg=cfg, barrier=not interpret)
+  kernel = functools.partial(_topk_kernel, num_keys=S, k=k, cfg=cfg, ascending=ascending,
+                             barrier=not interpret)
   out_shape = [jax.ShapeDtypeStruct((T, k), jnp.int32)]
   if cfg.compact:
     # Per-row candidate scratch (keys, indices): written and read back by the row's program.
     W = _round_up(k + cfg.compact, min(cfg.tile, _next_pow2(k + cfg.compact)))
     out_shape += [jax.ShapeDtypeStruct((T, W), _U32), jax.ShapeDtypeStruct((T, W), _I32)]
-  # Without a scratch the output goes bare, not as a one-element list (as in 45580ea: the
-  # resident rows' kernel jaxpr is then identical to that version's).
+  # Without a scratch the output goes bare, not as a one-element list.
   single = len(out_shape) == 1
   out = pl.pallas_call(
       kernel,

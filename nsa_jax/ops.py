@@ -185,20 +185,23 @@ def _topk_xla(logits, ks, ke, k):
 
 
 def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
-                 interpret: bool = False) -> jax.Array:
+                 interpret: bool = False, ascending: bool = False) -> jax.Array:
   """Per row, the indices of the k largest logits among keys in [ks, ke).
 
   Args:
     logits: float32 [T, S].
     ks, ke: int32 [T].
     k: static count (DeepSeek-V3.2: 2048). May exceed S.
+    ascending: pallas, list each row in ascending index (a slower write pass); xla,
+      no change. Either way equal logits then come in ascending index, which a merge of
+      several candidate lists by ``lax.top_k`` needs to keep the tie rule.
 
   Returns:
     int32 [T, k]: absolute key indices in [ks, ke); -1 fills the slots past the number of
     valid keys. Every valid key ranks above every invalid one (a row with <= k valid keys
     returns all of them); NaN ranks as -inf. On ties at the threshold the lowest key indices
-    win on both backends. Order within the k: xla, descending by value; pallas, ascending
-    key index (keys strictly above a threshold tie first).
+    win on both backends. Order within the k: xla, descending by value; pallas,
+    unspecified unless ``ascending`` (a row with <= k valid keys: ascending, then -1).
   """
   fn = "topk_indices"
   expect("logits", logits, (None, None), _F32, fn)
@@ -217,4 +220,4 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
   if resolve_backend(backend, interpret, supported, fn) == "xla":
     return _topk_xla(logits, ks, ke, k)
   from kernels_pallas import topk as kernel
-  return kernel.topk_indices(logits, ks, ke, k=k, interpret=interpret)
+  return kernel.topk_indices(logits, ks, ke, k=k, interpret=interpret, ascending=ascending)

@@ -26,7 +26,9 @@ _I32_MIN = jnp.iinfo(jnp.int32).min
 def _chunk_topk(q, k_fp8, k_scale, w, ks, ke, *, k, backend, interpret, with_keys):
   """One chunk: logits [r, S] -> top-k indices [r, k] (and their sortable keys [r, k])."""
   logits = ops.mqa_logits(q, k_fp8, k_scale, w, ks, ke, backend=backend, interpret=interpret)
-  idx = ops.topk_indices(logits, ks, ke, k=k, backend=backend, interpret=interpret)
+  # The key-split merge (with_keys) relies on equal logits coming in ascending index.
+  idx = ops.topk_indices(logits, ks, ke, k=k, backend=backend, interpret=interpret,
+                         ascending=with_keys)
   if not with_keys:
     return idx
   # The key-split merge ranks candidates from different devices, so it needs their values;

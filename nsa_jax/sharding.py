@@ -98,7 +98,8 @@ def _by_keys(q_fp8, k_fp8, k_scale, weights, ks, ke, *, plan, mesh, k, backend, 
                             in_specs=(P(), P(), P(), P(), P(axis), P(axis)),
                             out_specs=(P(None, axis), P(None, axis)), check_vma=False)(
                                 q_fp8, weights, ks, ke, kf, ksc)
-  # [T, n * k] candidates, device d's in columns d*k..(d+1)*k, sorted within. Re-shard by
+  # [T, n * k] candidates, device d's in columns d*k..(d+1)*k, equal keys in ascending index
+  # within (chunked_topk asks the top-k for that order when with_keys). Re-shard by
   # rows so each device merges its own queries; XLA does the all-to-all.
   rows = NamedSharding(mesh, P(axis, None))
   idx = jax.lax.with_sharding_constraint(idx, rows)

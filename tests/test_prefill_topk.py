@@ -225,3 +225,32 @@ def test_gpu_auto_backend_chunked_matches_unchunked():
   overlap = np.mean([len(set(a[a >= 0]) & set(r[r >= 0])) / max(1, (r >= 0).sum())
                      for a, r in zip(chunked[:b.num_tokens], ref[:b.num_tokens])])
   assert overlap > 0.99
+
+
+def test_key_split_candidates_list_ties_in_ascending_index():
+  """The key-split merge (nsa_jax.sharding) ranks candidate lists with lax.top_k, which keeps
+  the tie rule only if equal logits come in ascending index within a list: the chunk top-k
+  with keys (the merge's input) must give that order with the Pallas kernels too."""
+  from nsa_jax import prefill
+  rng = np.random.default_rng(7)
+  args, b = ragged_inputs(rng, [24, 8], [1200, 0], H=16)   # > 512 keys: several tiles
+  q, kf, sc, w, ks, ke = args
+  # Every 100th key repeats key 0 (one scale for all): a group of ~12 equal logits per query,
+  # spread over several kernel tiles.
+  kf = np.asarray(kf).copy()
+  kf[::100] = kf[0]
+  kf, sc = jax.device_put(kf), jax.device_put(np.ones(sc.shape, np.float32))
+  plan = prefill.plan_for(b.T_pad, b.S_pad, budget_bytes=1 << 30)
+  # k = 600 of ~1200 keys: the group is chosen whole in about half the rows.
+  idx, keys = prefill.chunked_topk(q, kf, sc, w, ks, ke, plan=plan, k=600, backend="pallas",
+                                   interpret=True, with_keys=True)
+  ref = np.asarray(reference_topk((q, kf, sc, w, ks, ke), 600))
+  idx, keys = np.asarray(idx), np.asarray(keys)
+  np.testing.assert_array_equal(np.sort(idx, axis=1), np.sort(ref, axis=1))
+  ties = 0
+  for r in range(idx.shape[0]):
+    for v in np.unique(keys[r][idx[r] >= 0]):
+      at = idx[r][(keys[r] == v) & (idx[r] >= 0)]
+      ties += len(at) > 1
+      assert (np.diff(at) > 0).all(), f"row {r}: equal logits out of index order: {at}"
+  assert ties > 0   # the input does tie

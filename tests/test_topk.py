@@ -148,6 +148,18 @@ def test_topk_pallas_configs(config, case):
   _assert_tie_rule(out, x, lo, hi, k)
 
 
+@pytest.mark.parametrize("config", [None, topk_kernel.TopKConfig(tile=128, resident=False,
+                                                                  num_warps=4)],
+                         ids=["resident", "streaming"])
+@pytest.mark.parametrize("case", ["distinct", "ties", "all_neg_inf", "few_valid", "inf_and_nan"])
+def test_topk_pallas_ascending(case, config):
+  """``ascending=True``: the documented set, in ascending index, then -1."""
+  x, ks, ke, k, lo, hi = _case(case)
+  out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
+                                 interpret=True, config=config, ascending=True)
+  np.testing.assert_array_equal(np.asarray(out), _expected_order(x, lo, hi, k))
+
+
 def test_topk_pallas_long_rows_interpret():
   """S >= 2**16 with the default (streaming, compacting) config: per-probe block sums (counts
   no longer fit 16-bit pairs), then the search over the candidate scratch."""
