@@ -1,7 +1,7 @@
 """Top-2048 per row: the Pallas-Triton kernel against ``lax.top_k`` (the xla backend).
 
 Usage: python benchmarks/bench_topk.py [--smoke] [--out DIR] [--dist normal|ties|causal]
-                                       [--no-xla] [--no-prefill] [--bisection]
+                                       [--no-xla] [--no-prefill] [--bisection] [--ascending]
                                        [--tile N --warps N --streaming --probes N
                                         --compact C --shapes 4096x32768,8x262144]
 
@@ -76,7 +76,8 @@ def topk_rows(args, on_gpu):
     x, ks, ke = logits_case(T, S, args.dist)
     used = config_for(S)
     pallas_fn = lambda a, b, c: kernel.topk_indices(a, b, c, k=K, config=used,
-                                                    interpret=not on_gpu)
+                                                    interpret=not on_gpu,
+                                                    ascending=args.ascending)
     xla_fn = lambda a, b, c: nsa_jax.topk_indices(a, b, c, k=K, backend="xla")
     pallas, xla = jax.jit(pallas_fn), jax.jit(xla_fn)
     out = pallas(x, ks, ke)
@@ -84,7 +85,8 @@ def topk_rows(args, on_gpu):
     same = bool((jnp.sort(out, axis=1) == jnp.sort(ref, axis=1)).all())
     row = dict(rows=T, keys=S, k=K, config=f"{'res' if used.resident else 'stream'}/t{used.tile}"
                f"/w{used.num_warps}/p{used.probes}{f'/c{used.compact}' if used.compact else ''}"
-               f"{'' if used.interpolate else '/bis'}", same_sets=same)
+               f"{'' if used.interpolate else '/bis'}{'/asc' if args.ascending else ''}",
+               same_sets=same)
     if on_gpu:
       # R distinct logits arrays (shifted copies: same sets) so that XLA cannot merge calls.
       arg_sets = [(x + jnp.float32(r), ks, ke) for r in range(5)]
@@ -148,6 +150,8 @@ def main(argv=None):
   ap.add_argument("--no-prefill", action="store_true", help="skip the T=S=32K prefill split")
   ap.add_argument("--bisection", action="store_true",
                   help="evenly spaced probes (bisection with --probes 1), no interpolation")
+  ap.add_argument("--ascending", action="store_true",
+                  help="ask the kernel for ascending indices (the key-split merge's order)")
   ap.add_argument("--tile", type=int, default=0)
   ap.add_argument("--warps", type=int, default=0)
   ap.add_argument("--streaming", action="store_true", help="re-read rows every pass")
