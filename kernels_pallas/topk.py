@@ -109,6 +109,7 @@ class TopKConfig:
 
   Attributes:
     tile: keys per tile (a power of two <= 32768); one counting step handles one tile.
+      Resident rows hold each tile as a [tile / 4, 4] register block (4 keys a thread row).
     resident: hold all ``ceil(S / tile)`` tiles in registers (else re-read them every pass).
     num_warps: warps per row-program.
     interpolate: probes around the regula-falsi estimate (else evenly spaced probes:
