@@ -46,9 +46,9 @@ Per row (one program each), for the keys in [ks, ke):
 
 Order and tie rule: the order of the k indices within a row is unspecified (thread-major for
 resident rows without a tie, ascending index otherwise; ``ascending=True`` asks for ascending
-index always, at the cost of the per-tile write on resident rows). The set is specified: every key
-above the k-th largest, then, when the k-th and (k+1)-th largest keys tie, the lowest-index
-tied keys until k are chosen (the xla backend picks the same set, in descending value
+index always, at the cost of the per-tile write on resident rows). The set is specified:
+every key above the k-th largest, then, when the k-th and (k+1)-th largest keys tie, the
+lowest-index tied keys until k are chosen (the xla backend picks the same set, in descending value
 order). The selected set equals the reference's whenever values are distinct, and whenever
 ties are broken by index. Rows with <= k valid keys list them in ascending index, then -1.
 
@@ -158,8 +158,8 @@ class TopKConfig:
       # Measured on the H100 (benchmarks/NOTES.md): at 32K keys 16 warps x 64 keys beat
       # 32 x 32 (0.80 vs 0.83 ms); at 8K keys 8 warps beat 16 and 32.
       num_warps = 4 if width <= 2048 else 8 if width <= 8192 else 16
-      return cls(tile=max(_V, min(width, 32 * _V * num_warps)), resident=True, num_warps=num_warps,
-                 out_chunk=out_chunk)
+      return cls(tile=max(_V, min(width, 32 * _V * num_warps)), resident=True,
+                 num_warps=num_warps, out_chunk=out_chunk)
     return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk, compact=2048)
 
 
@@ -368,6 +368,7 @@ def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg
     # lo is the k-th largest key and ties with the (k+1)-th: the c_hi keys above it (>= hi,
     # as hi == lo + 1), then the lowest-index ties.
     ascending_write(hi, c_hi, jnp.bool_(True))
+
 
 def _single_probe_search(count_ge, bracket, k, cfg):
   """One count per pass from ``bracket`` (see ``_initial_bracket``) on:
