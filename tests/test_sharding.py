@@ -94,4 +94,3 @@ def test_mesh_errors(mesh):
     nsa_jax.prefill_topk(*args, k=4, mesh=jax.devices())
   with pytest.raises(ValueError, match=r"split must be one of \('queries', 'keys'\)"):
     nsa_jax.prefill_topk(*args, k=4, mesh=mesh, split="rows")
-
