@@ -130,11 +130,13 @@ def bench_one(B, avg, n, *, iters, do_xla, do_check, config=None, interpret=Fals
       raise AssertionError(f"B={B} avg={avg} n={n}: calc_diff {row['calc_diff']:.2e} >= 5e-6")
   if interpret:
     return row
+
   def per_call(call, iters, warmup=3):
     """(wall s per kernel at R calls a jit, device s per kernel from R vs R_SMALL)."""
-    ts = {r: common.time_fn(repeated(call, r, n_caches), queries[:r], caches, ctx, tables,
-                            warmup=warmup, iters=iters) for r in (R_SMALL, R)}
-    return ts[R] / R, (ts[R] - ts[R_SMALL]) / (R - R_SMALL)
+    _, wall, dev = common.time_per_call(
+        lambda r: (repeated(call, r, n_caches), (queries[:r], caches, ctx, tables)),
+        r_small=R_SMALL, r_big=R, iters=iters, warmup=warmup)
+    return wall, dev
 
   t_p, d_p = per_call(pallas, iters)
   row.update(L=L, pallas_ms=t_p * 1e3, pallas_dev_ms=d_p * 1e3,

@@ -32,20 +32,24 @@ def time_fn(fn, *args, warmup: int = 3, iters: int = 20) -> float:
   return statistics.median(ts)
 
 
-def time_per_call(build, arg_sets, *, r_small: int = 1, r_big: int = 5,
-                  iters: int = 15) -> tuple[float, float]:
-  """(wall s of one call, device s per call) of a jitted op, in seconds.
+def time_per_call(make, *, r_small: int = 1, r_big: int = 5, iters: int = 15,
+                  warmup: int = 3) -> tuple[float, float, float]:
+  """Per-call times of an op, in seconds: (wall at ``r_small`` calls a jit, wall at ``r_big``
+  calls a jit, device).
 
-  ``build(R)`` returns a jitted function running the op R times on R distinct argument sets
-  (so that XLA cannot merge them); it is called as ``build(R)(arg_sets[:R])``. Wall time of
-  one call includes host dispatch and launch latency (~0.1-0.3 ms here, measured); the
-  per-call device time is the difference of the medians at ``r_big`` and ``r_small`` calls
-  per jit, divided by ``r_big - r_small``, which cancels that fixed cost (the CUDA-event
-  time of the kernels, as device METHOD.md asks for, without a profiler in the loop).
+  ``make(R)`` returns ``(fn, args)``: a jitted function running the op R times on R distinct
+  inputs (so that XLA cannot merge the calls) and its arguments. Wall time per call includes
+  host dispatch and launch latency (~0.1-0.3 ms here, measured), spread over the R calls;
+  the device time per call is the difference of the medians at ``r_big`` and ``r_small``,
+  divided by ``r_big - r_small``, which cancels that fixed cost (the CUDA-event time of the
+  kernels, as device METHOD.md asks for, without a profiler in the loop).
   """
-  t_small = time_fn(build(r_small), arg_sets[:r_small], iters=iters)
-  t_big = time_fn(build(r_big), arg_sets[:r_big], iters=iters)
-  return t_small / r_small, (t_big - t_small) / (r_big - r_small)
+  t = {}
+  for r in (r_small, r_big):
+    fn, args = make(r)
+    t[r] = time_fn(fn, *args, warmup=warmup, iters=iters)
+  return (t[r_small] / r_small, t[r_big] / r_big,
+          (t[r_big] - t[r_small]) / (r_big - r_small))
 
 
 def measure_fp8_ceiling(n: int = 8192) -> float:

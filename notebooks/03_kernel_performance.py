@@ -98,6 +98,31 @@ def missing(name, script):
   print(f"No {name}.json yet: it is written by `python benchmarks/{script}` on a GPU.")
   return True
 
+
+def device_ms(r, key):
+  """Device time per call where a result row has it (benchmarks since the third session),
+  else the older wall time of one call."""
+  return r.get(f"{key}_dev_ms", r.get(f"{key}_ms", np.nan))
+
+
+def time_panel(ax, rows, labels, baseline, color, floor_label, rotation):
+  """Baseline, Pallas and floor times per shape (log scale), the speedup above each pair."""
+  x, wdt = np.arange(len(rows)), 0.28
+  ax.bar(x - wdt, [device_ms(r, "xla") for r in rows], wdt, label=baseline, color="tab:orange")
+  ax.bar(x, [device_ms(r, "pallas") for r in rows], wdt, label="Pallas", color=color)
+  ax.bar(x + wdt, [r.get("floor_ms", np.nan) for r in rows], wdt, label=floor_label,
+         color="lightgray")
+  for i, r in enumerate(rows):
+    sp = r.get("speedup_dev", r.get("speedup"))
+    if sp is not None:
+      ax.annotate(f"{sp:.1f}x", (i - wdt, device_ms(r, "xla")), ha="center", va="bottom",
+                  fontsize=8)
+  ax.set_yscale("log")
+  ax.set_xticks(x, labels, rotation=rotation, fontsize=8 if rotation > 30 else None)
+  ax.set_ylabel("ms per call on the device (log)")
+  ax.set_title(f"{baseline} vs Pallas (speedup above)")
+  ax.legend(fontsize=8)
+
 # %% [markdown]
 # ## Prefill logits: `mqa_logits`
 #
@@ -207,25 +232,7 @@ if not missing("topk", "bench_topk.py"):
     axes[0].set_ylabel("GB/s (logits read once)")
     axes[0].set_title(f"top-{rows[0]['k']} on {res.get('card')}")
     axes[0].legend(fontsize=8)
-    wdt = 0.28
-    # Device time per call where the results have it (benchmarks since the third session),
-    # else the older wall time of one call.
-    dev = lambda r, key: r.get(f"{key}_dev_ms", r.get(f"{key}_ms", np.nan))
-    axes[1].bar(x - wdt, [dev(r, "xla") for r in rows], wdt, label="lax.top_k",
-                color="tab:orange")
-    axes[1].bar(x, [dev(r, "pallas") for r in rows], wdt, label="Pallas", color="tab:green")
-    axes[1].bar(x + wdt, [r["floor_ms"] for r in rows], wdt, label="floor (one read)",
-                color="lightgray")
-    for i, r in enumerate(rows):
-      sp = r.get("speedup_dev", r.get("speedup"))
-      if sp is not None:
-        axes[1].annotate(f"{sp:.1f}x", (i - wdt, dev(r, "xla")), ha="center",
-                         va="bottom", fontsize=8)
-    axes[1].set_yscale("log")
-    axes[1].set_xticks(x, labels, rotation=30)
-    axes[1].set_ylabel("ms per call on the device (log)")
-    axes[1].set_title("lax.top_k vs Pallas (speedup above)")
-    axes[1].legend(fontsize=8)
+    time_panel(axes[1], rows, labels, "lax.top_k", "tab:green", "floor (one read)", 30)
     fig.tight_layout()
     plt.show()
     show_table(rows, ["rows", "keys", "config", "pallas_ms", "pallas_dev_ms", "gbs", "floor_ms",
@@ -285,22 +292,8 @@ if not missing("paged_mqa_logits", "bench_paged_mqa_logits.py"):
     axes[0].set_ylabel("GB/s of K cache read")
     axes[0].set_title(f"paged_mqa_logits on {res.get('card')}")
     axes[0].legend(fontsize=8, loc="lower right")
-    wdt = 0.28
-    dev = lambda r, key: r.get(f"{key}_dev_ms", r.get(f"{key}_ms", np.nan))
-    axes[1].bar(x - wdt, [dev(r, "xla") for r in rows], wdt, label="xla backend",
-                color="tab:orange")
-    axes[1].bar(x, [dev(r, "pallas") for r in rows], wdt, label="Pallas", color="tab:cyan")
-    axes[1].bar(x + wdt, [r.get("floor_ms", np.nan) for r in rows], wdt,
-                label="floor (read cache + write logits)", color="lightgray")
-    for i, r in enumerate(rows):
-      if "speedup" in r:
-        axes[1].annotate(f"{r['speedup']:.1f}x", (i - wdt, dev(r, "xla")), ha="center",
-                         va="bottom", fontsize=8)
-    axes[1].set_yscale("log")
-    axes[1].set_xticks(x, labels, rotation=40, fontsize=8)
-    axes[1].set_ylabel("ms per kernel on the device (log)")
-    axes[1].set_title("xla vs Pallas (speedup above)")
-    axes[1].legend(fontsize=8)
+    time_panel(axes[1], rows, labels, "xla backend", "tab:cyan",
+               "floor (read cache + write logits)", 40)
     fig.tight_layout()
     plt.show()
     show_table(rows, ["B", "avg_ctx", "next_n", "cache_MB", "pallas_ms", "pallas_dev_ms",
