@@ -1,553 +1,577 @@
-"""Pallas GPU (Triton) kernel: per-row top-k indices by an exact threshold search on counts.
+"""Mosaic GPU kernel: per-row top-k indices by radix select, rows split over CTAs and merged.
 
-Per row (one program each), for the keys in [ks, ke):
-1. Each float logit maps to an order-preserving uint32 key (NaN ranks as -inf, -0.0 ties +0.0,
-   as ``reference.sortable_keys``); keys outside the row's range become 0, below every valid
-   key (the smallest valid key, that of -inf, is 0x007FFFFF).
-2. A row with at most k valid keys writes them all (ascending index, then -1) without reading
-   a single logit.
-3. Otherwise the k-th largest key is found exactly by a bracket search: ``lo`` with
-   count(key >= lo) >= k and ``hi`` with count(key >= hi) < k, starting from the row's min
-   and max + 1. Two searches, picked statically by the config:
-   Single-probe search (``probes`` = 1 and no compaction; the default for resident rows):
-   each pass counts the keys >= one probe, placed where a straight line through
-   (lo, count(lo)) and (hi, count(hi)) crosses k (regula falsi); a probe that fails to halve
-   the bracket is followed by a plain bisection, so the search takes at most 64 passes,
-   typically far fewer. No in-bracket min / max is taken. Resident rows use it because the
-   multi-probe passes measured slower there (H100, k = 2048, normal logits, median of 20:
-   8192 x 8192 0.71 ms with this search vs 0.85 / 1.22 / 1.20 ms multi-probe with P = 1 /
-   2 / 4; 4096 x 32768 1.28 ms vs 1.64 / 2.69 / 2.53 ms): register sweeps are ALU-bound,
-   so fewer passes do not pay for ~3 more instructions a key per probe.
-   Multi-probe search (``probes`` > 1 or compaction; the default for streaming rows, where
-   each pass re-reads the row from L2 / HBM):
-   each pass over the row counts the keys >= each of ``P`` probes (8 for streaming
-   rows) and, after a pass that left both counts unchanged, the min
-   and max key inside the current bracket. The probes sit around where a straight
-   line through (lo, count(lo)) and (hi, count(hi)) crosses k (regula falsi), at 1/4, 1/16,
-   1/64, ... of the bracket either side; the new bracket is the tightest pair of probes around
-   the threshold, then (when they were taken) snapped to the old bracket's min / max key (no
-   count changes: no key lies in between), so a bracket that holds one distinct value closes
-   within two passes (ties). A pass that
-   fails to halve the bracket is followed by one centred on its middle, so the search takes at
-   most ~64 passes; on normal, uniform or rounded data it takes 4-8 passes (the min/max pass
-   included) at 8K-256K keys. Both searches stop early as soon as a probe counts exactly k
-   keys (then no tie handling is needed).
-   Candidate compaction (``compact`` = C, on for streaming rows): as soon as at most
-   W = k + C (whole tiles) keys are >= lo, one pass copies those keys and their indices,
-   ascending index, to a per-row scratch (an extra output, L2-resident while the row is
-   worked on), and the search and the last pass go on over the scratch: the row itself is
-   read 2-5 times plus that pass (N(0, 1) data, C = 2048) instead of 5-8 times plus the last.
-4. A last pass writes the indices. Resident rows without a tie at the threshold (exactly k
-   keys >= lo, the usual case): each thread counts its selected keys, one block-wide
-   exclusive scan of those counts gives every thread its run of output slots, and the thread
-   fills its run in its own key order (thread-major order). Otherwise (ties at lo, or a
-   streaming row): an in-tile prefix sum per tile writes every key above the threshold
-   (ascending index), then keys equal to it (ascending index) until k slots are filled.
+The algorithm, for one segment of one row (one CTA of 128-512 threads):
 
-Order and tie rule: the order of the k indices within a row is unspecified (thread-major for
-resident rows without a tie, ascending index otherwise; ``ascending=True`` asks for ascending
-index always, at the cost of the per-tile write on resident rows). The set is specified:
-every key above the k-th largest, then, when the k-th and (k+1)-th largest keys tie, the
-lowest-index tied keys until k are chosen (the xla backend picks the same set, in descending value
-order). The selected set equals the reference's whenever values are distinct, and whenever
-ties are broken by index. Rows with <= k valid keys list them in ascending index, then -1.
+1. Load. Each logit in the segment's part of [ks, ke) becomes an order-preserving uint32 key
+   (NaN ranks as -inf, -0.0 ties +0.0, as ``reference.sortable_keys``); keys outside the
+   range become 0, below every valid key (the smallest valid key, that of -inf, is
+   0x007FFFFF). The keys go to shared memory, and the same sweep builds a histogram of their
+   top 11 bits (``red.shared.add``: relaxed shared-memory reductions, one per key).
+2. Select. A block-wide suffix scan of the histogram finds the bucket that holds the k-th
+   largest key: the keys in higher buckets are all chosen, and k shrinks by their count. If
+   the bucket holds exactly the keys still wanted, the search stops; otherwise the next
+   digit (11, then 10 bits) is histogrammed among the keys whose prefix matches, reading
+   keys from shared memory only. After 32 bits the threshold key is exact; if more keys tie
+   at it than are wanted, the same three passes run over the bits of ``~index`` of the tied
+   keys, so the lowest-index ties win (the reference's tie rule). A segment with at most k
+   valid keys keeps them all (no pass beyond the load).
+3. Write. The chosen keys satisfy ``key & M1 > P1 or (key & M1 == P1 and ~idx & M2 >= P2)``
+   for the prefixes found above. Each thread counts its chosen keys, one block-wide scan of
+   those counts gives every thread its run of output slots, and each thread writes its keys'
+   indices there (deterministic, thread-major order); the unused slots get -1.
 
-Two ways to hold the row, picked statically from S:
-- resident (S <= ``_RESIDENT_MAX``): the row is loaded once as ``[tile / 4, 4]`` tiles kept in
-  registers (one CTA of 16 warps at 32K keys: 64 keys a thread, one 16-byte vector per tile);
-  the loads do not depend on ks / ke (the range is applied to the loaded keys), every pass
-  reads registers only, and each count is summed within a thread's tile rows before one
-  block-wide sum per pass.
-- streaming (longer rows): each pass reads the row's tiles again (from L2 while the rows in
-  flight fit it, else from HBM), looping over the tiles that overlap [ks, ke) only.
+Long rows, and few rows of any length (decode), are split into segments of equal length,
+one CTA each: each segment writes its own top-k as (index, logit) candidates, and the same
+kernel, reading candidates instead of logits ("indirect" mode: the index of a candidate is
+the one stored beside it, -1 for none), selects the top-k of the candidates. This is exact:
+every key of the row's top-k (with the tie rule) is in its segment's top-k. Splitting gives
+decode rows (1-64 rows of 32K-1M keys) more than one SM, and keeps a segment in shared
+memory (<= 32768 keys, 128 KB).
 
-A single-probe pass costs ~3 instructions a key plus one block-wide sum. A multi-probe pass
-costs ~3 instructions a key per probe (compare, select, add into per-lane counts packed
-8 or 16 bits a probe), ~6 more when it takes the in-bracket min / max, and a few block-wide
-sums (two probes' totals share one 32-bit sum when S < 2**16), so more probes trade ALU (it
-matters for register-resident rows, hence one probe there) for fewer passes (it matters for
-streaming ones); the kernel's time is (1 HBM read of the row) +
-(number of passes) x (register or L2/HBM sweep); see
-``benchmarks/NOTES.md`` for the floor and the measured figures.
+Rows whose valid range holds at most k keys list them in ascending index, then -1, without
+reading a logit (in the unsplit, direct case).
+
+Per-lane scatter (histogram adds, index writes) and scans are not expressible in Pallas'
+array-level Mosaic GPU code (jax 0.11.2), so the per-thread body is emitted through
+``plgpu.inline_mgpu`` (see ``_mlir``). GPU interpret mode refuses ``inline_mgpu``: under
+``interpret`` the kernel runs the same passes as value-level jnp (``_segment_values``) in
+the same Pallas kernel shell, so CPU tests check the algorithm, the segment plan and the
+merge; CUDA cross-lowering checks that the per-thread code builds; the GPU tests check the
+kernel itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_U32 = jnp.uint32
-_I32 = jnp.int32
-_RESIDENT_MAX = 32768   # keys a row may hold in registers (16 warps x 32 threads x 64 keys)
-_V = 4                  # keys a thread loads per resident tile: one 16-byte vector
-_MAX_TILE = 1 << 15     # per-tile prefix sums pack two 16-bit counts into one int32
+from kernels_pallas import _mlir as m
 
-# jax 0.11 deprecates Pallas-Triton in favour of Mosaic GPU (warned at every lowering). This
-# kernel needs Triton's scatter stores and in-register prefix sums, which Mosaic GPU's array
-# level does not offer; the warning is silenced for this kernel's lowering only.
-warnings.filterwarnings("ignore", message=r".*Pallas Triton backend is deprecated.*")
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
+_SEGMENT_MAX = 32768          # keys a CTA holds in shared memory (128 KB)
+_TARGET_CTAS = 120            # split rows until this many CTAs run (the H200 has 132 SMs)
+_HIST = 2048                  # bins of an 11-bit digit
+# (shift, bits) of the three digits of a 32-bit key, most significant first.
+_DIGITS = ((21, 11), (10, 11), (0, 10))
+# misc scratch (int32 words): per-warp scan totals, then the scan's result.
+_WTOT, _RES, _MISC = 0, 32, 40
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(int(n) - 1, 0).bit_length()
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+  return _cdiv(a, b) * b
 
 
 @dataclasses.dataclass(frozen=True)
 class TopKConfig:
-  """Static shape of the kernel.
+  """Static shape of one launch.
 
   Attributes:
-    tile: keys per tile (a power of two <= 32768); one counting step handles one tile.
-      Resident rows hold each tile as a [tile / 4, 4] register block (4 keys a thread row).
-    resident: hold all ``ceil(S / tile)`` tiles in registers (else re-read them every pass).
-    num_warps: warps per row-program.
-    interpolate: probes around the regula-falsi estimate (else evenly spaced probes:
-      multisection, ~32 / log2(P + 1) passes; plain bisection for the single-probe search).
-    out_chunk: output slots written per step by the few-valid path (a power of two).
-    probes: thresholds counted per pass (P); more probes shrink the bracket faster for ~3
-      more instructions a key each. ``probes=1`` with ``compact=0`` runs the single-probe
-      search (regula falsi / bisection, no in-bracket min / max; see the module docstring).
-      None: 1 for resident rows (the only search they run), 8 for streaming ones.
-    compact: candidate budget C (0: off). Once at most W = k + C (rounded up to whole
-      tiles) keys remain >= lo, one pass copies them to a per-row scratch of W keys and
-      indices, and the rest of the search and the write run over that scratch only.
+    segment: keys per CTA (a multiple of 4); a row of S keys runs as ceil(S / segment)
+      segments, whose candidates a further launch merges.
+    warpgroups: 128-thread warpgroups per CTA.
+    load_unroll: 16-byte loads a thread keeps in flight in the load sweep.
+    pass_unroll: shared-memory vectors a thread handles per step of the other sweeps.
   """
 
-  tile: int
-  resident: bool
-  num_warps: int
-  interpolate: bool = True
-  out_chunk: int = 2048
-  probes: int | None = None
-  compact: int = 0
+  segment: int
+  warpgroups: int
+  load_unroll: int = 4
+  pass_unroll: int = 4
 
   def __post_init__(self):
-    if self.probes is None:
-      object.__setattr__(self, "probes", 1 if self.resident else 8)
-    if self.tile < 1 or self.tile & (self.tile - 1) or self.tile > _MAX_TILE:
-      raise ValueError(f"tile must be a power of two <= {_MAX_TILE}, got {self.tile}")
-    if self.resident and (self.tile < _V or self.probes != 1 or self.compact):
-      raise ValueError(f"resident rows take tile >= {_V}, probes=1 and compact=0 (the "
-                       f"single-probe search over [tile/{_V}, {_V}] register tiles), got {self}")
-    if self.compact < 0:
-      raise ValueError(f"compact must be >= 0, got {self.compact}")
-    if self.probes < 1:
-      raise ValueError(f"probes must be >= 1, got {self.probes}")
-    if self.out_chunk < 1 or self.out_chunk & (self.out_chunk - 1):
-      raise ValueError(f"out_chunk must be a power of two, got {self.out_chunk}")
+    if self.segment < 4 or self.segment % 4 or self.segment > _SEGMENT_MAX:
+      raise ValueError(f"segment must be a multiple of 4 in [4, {_SEGMENT_MAX}], got "
+                       f"{self.segment}")
+    if self.warpgroups not in (1, 2, 4):
+      raise ValueError(f"warpgroups must be 1, 2 or 4, got {self.warpgroups}")
+
+  @property
+  def threads(self) -> int:
+    return 128 * self.warpgroups
 
   @classmethod
-  def default(cls, num_keys: int, k: int) -> "TopKConfig":
-    """A register-resident row up to 32K keys (tiles of one 4-key row a thread: 8 warps up to
-    8K keys, 16 warps above, i.e. 32-64 keys a thread), else a streaming row (8 probes a
-    pass, candidate compaction with C = 2048)."""
-    out_chunk = min(_next_pow2(k), 2048)
-    width = _next_pow2(num_keys)
-    if width <= _RESIDENT_MAX:
-      # Measured on the H100 (benchmarks/NOTES.md): at 32K keys 16 warps x 64 keys beat
-      # 32 x 32 (0.80 vs 0.83 ms); at 8K keys 8 warps beat 16 and 32.
-      num_warps = 4 if width <= 2048 else 8 if width <= 8192 else 16
-      return cls(tile=max(_V, min(width, 32 * _V * num_warps)), resident=True,
-                 num_warps=num_warps, out_chunk=out_chunk)
-    return cls(tile=8192, resident=False, num_warps=16, out_chunk=out_chunk, compact=2048)
+  def default(cls, rows: int, num_keys: int, k: int) -> "TopKConfig":
+    """Segments of <= 32768 keys; rows split further (segments >= max(4k, 4096) keys) while
+    fewer than ~120 CTAs would run. 512 threads for segments above 8192 keys, 256 above
+    2048, else 128."""
+    nseg = _cdiv(num_keys, _SEGMENT_MAX)
+    while rows * nseg < _TARGET_CTAS and _cdiv(num_keys, 2 * nseg) >= max(4 * k, 4096):
+      nseg *= 2
+    seg = _round_up(_cdiv(num_keys, nseg), 1024 if num_keys > 1024 else 4)
+    seg = min(seg, _SEGMENT_MAX)
+    wg = 4 if seg > 8192 else 2 if seg > 2048 else 1
+    return cls(segment=seg, warpgroups=wg)
+
+
+def plan(rows: int, num_keys: int, k: int) -> list[tuple[int, TopKConfig]]:
+  """The launches for rows of ``num_keys`` keys: [(keys per row, config)], the first reading
+  logits, each later one the previous one's candidates (segments x k of them)."""
+  levels = []
+  n = num_keys
+  while True:
+    cfg = TopKConfig.default(rows, n, k)
+    levels.append((n, cfg))
+    nseg = _cdiv(n, cfg.segment)
+    if nseg == 1:
+      return levels
+    n = nseg * k
 
 
 def unsupported_reason(num_keys: int, k: int) -> str | None:
   """None when the kernel takes rows of ``num_keys`` keys and this ``k``, else why not."""
   if num_keys < 1 or k < 1:
     return f"need S >= 1 and k >= 1, got S={num_keys}, k={k}"
-  if num_keys >= 2**31 - _MAX_TILE:
+  if num_keys >= 2**31 - _SEGMENT_MAX:
     return f"S={num_keys} keys: int32 key positions would overflow"
+  if k > _SEGMENT_MAX // 4 and num_keys > _SEGMENT_MAX:
+    return f"k={k} > {_SEGMENT_MAX // 4} with rows longer than {_SEGMENT_MAX} keys"
   return None
 
 
-def _probe_offsets(P: int) -> list[float]:
-  """Probe positions relative to the interpolated estimate, in bracket widths: +-4**-i."""
-  if P == 1:
-    return [0.0]
-  h = P // 2
-  return sorted([-(4.0 ** -i) for i in range(1, h + 1)] +
-                [4.0 ** -i for i in range(1, P - h + 1)])
+# ------------------------------------------------------------------------ the per-thread code
+def _sortable(bits):
+  """uint32 key of float32 ``bits`` (i32): NaN as -inf, -0.0 as +0.0, order-preserving."""
+  mag = m.band(bits, m.c(0x7FFFFFFF))
+  bits = m.select(m.ugt(mag, m.c(0x7F800000)), m.c(0xFF800000), bits)
+  bits = m.select(m.eq(mag, m.c(0)), m.c(0), bits)
+  neg = m.ne(m.shr(bits, 31), m.c(0))
+  return m.select(neg, m.bnot(bits), m.bor(bits, m.c(0x80000000)))
 
 
-def _sortable_u32(x):
-  """uint32 keys ordered like float32 x; NaN as -inf, -0.0 as +0.0 (see reference)."""
-  x = jnp.where(jnp.isnan(x), -jnp.inf, x)
-  x = jnp.where(x == 0.0, 0.0, x)
-  u = lax.bitcast_convert_type(x, _U32)
-  neg = (u >> 31) == 1
-  return jnp.where(neg, ~u, u | _U32(0x80000000))
+def _unsortable(key):
+  """float32 bits of a valid key (the inverse of ``_sortable`` on its image)."""
+  pos = m.ne(m.band(key, m.c(0x80000000)), m.c(0))
+  return m.select(pos, m.band(key, m.c(0x7FFFFFFF)), m.bnot(key))
 
 
-def _topk_kernel(ks_ref, ke_ref, x_ref, o_ref, sk_ref=None, si_ref=None, *, num_keys, k,
-                 cfg: TopKConfig, ascending: bool = False, barrier: bool = True):
-  S, tile = num_keys, cfg.tile
-  n_tiles = pl.cdiv(S, tile)
-  row = pl.program_id(0)
-  # Clamped so that nothing outside [0, S) is ever addressed, whatever ks/ke hold.
-  lo_i = jnp.clip(ks_ref[row], 0, S)
-  hi_i = jnp.clip(ke_ref[row], lo_i, S)
-  n_valid = hi_i - lo_i
-  lane = lax.broadcasted_iota(_I32, (tile,), 0)
+def _emit_segment(ks, ke, x, cidx, out_idx, out_val, keys, hist, misc, s_idx, r_idx, *,
+                  S, k, cfg: TopKConfig, direct: bool, final: bool):
+  """The whole per-segment select, as per-thread code (see the module docstring)."""
+  nt, seg = cfg.threads, cfg.segment
+  nw = nt // 32
+  nseg = _cdiv(S, seg)
+  vec_in = 4 if S % 4 == 0 else 1        # 16-byte global loads need 16-byte aligned rows
+  t = m.thread_id()
+  lane = m.band(t, m.c(31))
+  warp = m.shr(t, 5)
+  r, s = r_idx, s_idx
 
-  @pl.when(n_valid <= k)
-  def _few():
-    # Every valid key is chosen whatever its value: no logit is read.
-    och = cfg.out_chunk
-    def body(c, _):
-      j = c * och + lax.broadcasted_iota(_I32, (och,), 0)
-      plt.store(o_ref.at[row, j], jnp.where(j < n_valid, lo_i + j, -1), mask=j < k)
-      return _
-    lax.fori_loop(0, pl.cdiv(k, och), body, 0)
+  x_p = m.global_ptr(x)
+  ci_p = None if direct else m.global_ptr(cidx)
+  oi_p = m.global_ptr(out_idx)
+  ov_p = None if final else m.global_ptr(out_val)
+  keys_p, hist_p, misc_p = m.ptr(keys), m.ptr(hist), m.ptr(misc)
+  row64 = m.mul(m.to_i64(r), m.c(S, m.i64()))          # row offset, in elements
+  out_w = k if final else nseg * k
+  obase64 = m.add(m.mul(m.to_i64(r), m.c(out_w, m.i64())),
+                  m.to_i64(m.mul(s, m.c(k))))          # this segment's first output slot
 
-  @pl.when(n_valid > k)
-  def _select():
-    if cfg.resident:
-      _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, num_keys=S, k=k, cfg=cfg,
-                       ascending=ascending)
-      return
-
-    def load(t):
-      """Tile t: (keys, absolute indices); keys outside [lo, hi) are 0."""
-      # A traced start: the last tile may run past S (masked), which a static slice rejects.
-      start = pl.multiple_of(lo_i * 0 + t * tile, tile)
-      idx = start + lane
-      valid = (idx >= lo_i) & (idx < hi_i)
-      # Masked by the static row end only (none when whole tiles cover S), not by [lo, hi):
-      # a mask that varies per key keeps Triton from vectorizing the loads (measured on the
-      # resident rows: 4-byte loads at a 16-byte stride).
-      if S % tile:
-        x = plt.load(x_ref.at[row, pl.ds(start, tile)], mask=idx < S, other=0.0)
-      else:
-        x = plt.load(x_ref.at[row, pl.ds(start, tile)])
-      return jnp.where(valid, _sortable_u32(x), _U32(0)), idx
-
-    t_lo, t_hi = lo_i // tile, pl.cdiv(hi_i, tile)
-
-    def fold(fn, init):
-      return lax.fori_loop(t_lo, t_hi, lambda t, acc: fn(acc, *load(t)), init)
-
-    if cfg.probes == 1 and not cfg.compact:
-      zeros = jnp.zeros((tile,), _I32)
-
-      def count_ge(p):
-        return jnp.sum(fold(lambda acc, key, _: acc + (key >= p).astype(_I32), zeros))
-
-      state = _single_probe_search(count_ge, _initial_bracket(fold, tile, n_valid), k, cfg)
-      _write(fold, o_ref, row, k, state)
-      return
-    W = sk_ref.shape[1] if cfg.compact else 0
-    state = _search(fold, tile, n_tiles, S, k, cfg, _initial_bracket(fold, tile, n_valid),
-                    stop=W)
-    if not cfg.compact:
-      _write(fold, o_ref, row, k, state)
-      return
-    lo, hi, c_lo, c_hi, _, _ = state
-    ts = min(W, tile)
-    small = (c_lo <= W) & (c_lo != k) & (hi - lo > _U32(1))
-
-    @pl.when(jnp.logical_not(small))
-    def _direct():
-      _write(fold, o_ref, row, k, state)
-
-    @pl.when(small)
-    def _compacted():
-      # One pass copies the c_lo <= W keys >= lo (and their indices), ascending index, to the
-      # row's scratch; the search and the write go on over those few keys only, in the same
-      # order, so the result is the one the full row would give.
-      def compact(off, key, idx):
-        keep = key >= lo
-        cs = jnp.cumsum(keep.astype(_I32))
-        pos = jnp.where(keep, off + cs - 1, W)
-        plt.store(sk_ref.at[row, pos], key, mask=keep)
-        plt.store(si_ref.at[row, pos], idx, mask=keep)
-        return off + jnp.max(cs)
-
-      fold(compact, jnp.int32(0))
-      if barrier:   # the scratch is read back by other threads (interpret mode: no threads)
-        plt.debug_barrier()
-      lane_s = lax.broadcasted_iota(_I32, (ts,), 0)
-
-      def fold_s(fn, init):
-        def step(t, acc):
-          j = t * ts + lane_s
-          m = j < c_lo
-          key = plt.load(sk_ref.at[row, pl.ds(pl.multiple_of(t * ts, ts), ts)], mask=m,
-                         other=0)
-          idx = plt.load(si_ref.at[row, pl.ds(pl.multiple_of(t * ts, ts), ts)], mask=m,
-                         other=0)
-          return fn(acc, jnp.where(m, key, _U32(0)), idx)
-        return lax.fori_loop(0, pl.cdiv(c_lo, ts), step, init)
-
-      st = _search(fold_s, ts, W // ts, W, k, cfg, state, stop=0)
-      _write(fold_s, o_ref, row, k, st)
-
-
-def _resident_select(x_ref, o_ref, row, lo_i, hi_i, n_valid, *, num_keys, k, cfg, ascending):
-  """A row of more than k valid keys held in registers as [tile / 4, 4] tiles.
-
-  Tile t holds keys ``t * tile + 4 * i + j`` at (i, j): each thread loads whole 16-byte
-  vectors, unmasked except in a last tile that runs past S (the [ks, ke) range is applied
-  after the load, so the loads do not wait for it). Counts are summed per tile row first
-  (within a thread) and once across the block per pass.
-  """
-  S, tile = num_keys, cfg.tile
-  R, NT = tile // _V, pl.cdiv(S, tile)
-  lane = (lax.broadcasted_iota(_I32, (R, _V), 0) * _V
-          + lax.broadcasted_iota(_I32, (R, _V), 1))
-  keys = []
-  for t in range(NT):
-    idx = t * tile + lane
-    if (t + 1) * tile <= S:
-      x = plt.load(x_ref.at[row, idx])
-    else:
-      x = plt.load(x_ref.at[row, jnp.minimum(idx, S - 1)], mask=idx < S, other=0.0)
-    keys.append(jnp.where((idx >= lo_i) & (idx < hi_i), _sortable_u32(x), _U32(0)))
-
-  def count_ge(p):
-    acc = jnp.zeros((R,), _I32)
-    for key in keys:
-      acc = acc + jnp.sum((key >= p).astype(_I32), axis=1)
-    return jnp.sum(acc)
-
-  kmax = jnp.zeros((R,), _U32)
-  kmin = jnp.full((R,), 0xFFFFFFFF, _U32)
-  for key in keys:
-    kmax = jnp.maximum(kmax, jnp.max(key, axis=1))
-    kmin = jnp.minimum(kmin, jnp.min(jnp.where(key > 0, key, _U32(0xFFFFFFFF)), axis=1))
-  # Everything valid is >= the min key; nothing is >= max + 1 (max valid key <= 0xFF800000).
-  bracket = (jnp.min(kmin), jnp.max(kmax) + _U32(1), n_valid, jnp.int32(0), jnp.bool_(False),
-             None)
-  lo, hi, c_lo, c_hi, _, _ = _single_probe_search(count_ge, bracket, k, cfg)
-  exact = c_lo == k
-
-  def ascending_write(g, c_g, with_ties):
-    # Every key >= g, then (with_ties) the lowest-index keys == lo after the c_g above it,
-    # all in ascending index: one block scan and one block sum per tile.
-    off_s, off_t = jnp.int32(0), jnp.int32(0)
-    for t, key in enumerate(keys):
-      sure, tie = key >= g, (key == lo) & with_ties
-      c = sure.astype(_I32) + (tie.astype(_I32) << 16)   # a tile's counts fit 16 bits
-      rs = jnp.sum(c, axis=1)
-      pk = (jnp.cumsum(rs) - rs)[:, None] + jnp.cumsum(c, axis=1) - c
-      p_sure = off_s + (pk & 0xFFFF)
-      p_tie = c_g + off_t + (pk >> 16)
-      pos = jnp.where(sure, p_sure, p_tie)
-      m = sure | (tie & (p_tie < k))
-      plt.store(o_ref.at[row, jnp.where(m, pos, k)], t * tile + lane, mask=m)
-      tot = jnp.sum(rs)
-      off_s, off_t = off_s + (tot & 0xFFFF), off_t + (tot >> 16)
-
-  if ascending:
-    ascending_write(jnp.where(exact, lo, hi), jnp.where(exact, k, c_hi),
-                    jnp.logical_not(exact))
-    return
-
-  @pl.when(exact)
-  def _no_ties():
-    # Exactly the k keys >= lo: one block-wide scan of per-thread counts places them, each
-    # thread's keys in a run of slots (thread-major order, not ascending index).
-    n = jnp.zeros((R,), _I32)
-    for key in keys:
-      n = n + jnp.sum((key >= lo).astype(_I32), axis=1)
-    run = jnp.cumsum(n) - n
-    for t, key in enumerate(keys):
-      sel = key >= lo
-      c = sel.astype(_I32)
-      pos = run[:, None] + jnp.cumsum(c, axis=1) - c
-      plt.store(o_ref.at[row, jnp.where(sel, pos, k)], t * tile + lane, mask=sel)
-      run = run + jnp.sum(c, axis=1)
-
-  @pl.when(jnp.logical_not(exact))
-  def _ties():
-    # lo is the k-th largest key and ties with the (k+1)-th: the c_hi keys above it (>= hi,
-    # as hi == lo + 1), then the lowest-index ties.
-    ascending_write(hi, c_hi, jnp.bool_(True))
-
-
-def _single_probe_search(count_ge, bracket, k, cfg):
-  """One count per pass from ``bracket`` (see ``_initial_bracket``) on:
-  (lo, hi, c_lo, c_hi, _, _) with c_lo == k or hi == lo + 1."""
-  lo, hi, c_lo, c_hi, bisect, _ = bracket
-
-  def cond(c):
-    lo, hi, c_lo, _, _ = c
-    return (c_lo != k) & (hi - lo > _U32(1))
-
-  def body(c):
-    lo, hi, c_lo, c_hi, bisect = c
-    w = hi - lo                                        # >= 2
-    half = w >> 1
-    if cfg.interpolate:
-      # Aim where a straight line through (lo, c_lo) and (hi, c_hi) crosses k.
-      frac = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
-      d = jnp.floor(frac * w.astype(jnp.float32))
-      d = jnp.clip(d, 1.0, w.astype(jnp.float32)).astype(_U32)
-      d = jnp.clip(d, _U32(1), w - _U32(1))
-      d = jnp.where(bisect, half, d)
-    else:
-      d = half
-    p = lo + d
-    c = count_ge(p)
-    up = c >= k
-    new_lo, new_hi = jnp.where(up, p, lo), jnp.where(up, hi, p)
-    # A probe that did not halve the bracket is followed by a bisection (and a bisection
-    # by a probe), so the search never takes more than ~64 passes.
-    slow = (new_hi - new_lo - _U32(1)) > half
-    return (new_lo, new_hi, jnp.where(up, c, c_lo), jnp.where(up, c_hi, c),
-            slow & jnp.logical_not(bisect))
-
-  lo, hi, c_lo, c_hi, _ = lax.while_loop(cond, body, (lo, hi, c_lo, c_hi, bisect))
-  return lo, hi, c_lo, c_hi, None, None
-
-
-def _initial_bracket(fold, tile, n_valid):
-  """Everything valid is >= the min key; nothing is >= max + 1 (one pass)."""
-  kmax, kmin = fold(
-      lambda acc, key, idx: (jnp.maximum(acc[0], key),
-                             jnp.minimum(acc[1], jnp.where(key > 0, key, _U32(0xFFFFFFFF)))),
-      (jnp.zeros((tile,), _U32), jnp.full((tile,), 0xFFFFFFFF, _U32)))
-  lo, hi = jnp.min(kmin), jnp.max(kmax) + _U32(1)   # max valid key <= 0xFF800000: no wrap
-  return lo, hi, n_valid, jnp.int32(0), jnp.bool_(False), jnp.bool_(False)
-
-
-def _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=True):
-  """Counts of keys >= each probe, and (if snap) the min / max key in [lo, hi), in one pass.
-
-  A lane's count never exceeds ``n_tiles`` (the tiles folded) and a total never exceeds
-  ``n_max``: several probes' counts share one uint32 per lane (fewer adds and registers), and
-  two totals share one block-wide sum when ``n_max < 2**16``.
-  """
-  fbits = 8 if n_tiles < (1 << 8) else 16 if n_tiles < (1 << 16) else 32
-  per_word = 32 // fbits
-  n_words = -(-P // per_word)
-
-  def fn(acc, key, _):
-    words, mn, mx = acc
-    words = list(words)
-    for j, p in enumerate(probes):
-      w, f = divmod(j, per_word)
-      words[w] = words[w] + jnp.where(key >= p, _U32(1 << (f * fbits)), _U32(0))
-    if snap:
-      inb = (key >= lo) & (key < hi)
-      mn = jnp.minimum(mn, jnp.where(inb, key, _U32(0xFFFFFFFF)))
-      mx = jnp.maximum(mx, jnp.where(inb, key, _U32(0)))
-    return tuple(words), mn, mx
-
-  words, mn, mx = fold(fn, (tuple(jnp.zeros((tile,), _U32) for _ in range(n_words)),
-                            jnp.full((tile,), 0xFFFFFFFF, _U32), jnp.zeros((tile,), _U32)))
-  counts = []
-  for w in range(n_words):
-    nf = min(per_word, P - w * per_word)
-    if fbits == 32:
-      counts.append(jnp.sum(words[w]).astype(_I32))
-    elif fbits == 16 and n_max < (1 << 16):
-      tot = jnp.sum(words[w])
-      counts += [(tot & 0xFFFF).astype(_I32), (tot >> 16).astype(_I32)][:nf]
-    elif fbits == 8 and n_max < (1 << 16):
-      fm = _U32(0x00FF00FF)
-      t02 = jnp.sum(words[w] & fm)
-      t13 = jnp.sum((words[w] >> 8) & fm) if nf > 1 else _U32(0)
-      counts += [(t02 & 0xFFFF).astype(_I32), (t13 & 0xFFFF).astype(_I32),
-                 (t02 >> 16).astype(_I32), (t13 >> 16).astype(_I32)][:nf]
-    else:
-      mask = _U32((1 << fbits) - 1)
-      counts += [jnp.sum((words[w] >> (f * fbits)) & mask).astype(_I32) for f in range(nf)]
-  if not snap:   # no snapping: max(new_lo, 0) and min(new_hi, 0xFFFFFFFF) change nothing
-    zero = lo - lo   # traced: a Triton scf.if cannot yield a bare constant
-    return counts, zero, zero + _U32(0xFFFFFFFE)
-  return counts, jnp.min(mn), jnp.max(mx)
-
-
-def _search(fold, tile, n_tiles, n_max, k, cfg, state, stop):
-  """Narrows (lo, hi, c_lo, c_hi, bisect) until c_lo == k, hi == lo + 1 or c_lo <= stop."""
-  P = cfg.probes
-  if cfg.interpolate:
-    offsets = _probe_offsets(P)
+  seg_lo = m.mul(s, m.c(seg))
+  seg_hi = m.smin(m.add(seg_lo, m.c(seg)), m.c(S))
+  if direct:
+    ksv = m.ld_global(m.gep(m.global_ptr(ks), r))
+    kev = m.ld_global(m.gep(m.global_ptr(ke), r))
+    lo_i = m.smin(m.smax(ksv, m.c(0)), m.c(S))
+    hi_i = m.smin(m.smax(kev, lo_i), m.c(S))
   else:
-    offsets = [(j + 1) / (P + 1) for j in range(P)]
+    lo_i, hi_i = m.c(0), m.c(S)
+  lo = m.smax(lo_i, seg_lo)
+  hi = m.smax(m.smin(hi_i, seg_hi), lo)
+  n = m.sub(hi, lo)
 
-  def cond(c):
-    lo, hi, c_lo, _, _, _ = c
-    go = (c_lo != k) & (hi - lo > _U32(1))
-    return go & (c_lo > stop) if stop else go
+  def out_slot(j):
+    return m.add(obase64, m.to_i64(j))
 
-  def body(c):
-    lo, hi, c_lo, c_hi, bisect, stuck = c
-    w = hi - lo                                        # >= 2
-    wf = w.astype(jnp.float32)
-    if cfg.interpolate:
-      # Probes around where a straight line through (lo, c_lo) and (hi, c_hi) crosses k,
-      # at geometrically spaced distances (1/4, 1/16, ... of the bracket) either side.
-      f0 = (c_lo - k).astype(jnp.float32) / (c_lo - c_hi).astype(jnp.float32)
-      # A pass that did not halve the bracket is followed by one centred on its middle
-      # (which then shrinks it >= 2x, >= 4x for P >= 2): at most ~64 passes, typically 4-8.
-      f0 = jnp.where(bisect, jnp.float32(0.5), f0)
+  if direct and final:
+    # At most k valid keys: all of them, ascending, then -1; no logit is read.
+    with m.when(m.sle(n, m.c(k))):
+      def few(j, _):
+        v = m.select(m.slt(j, n), m.add(lo, j), m.c(-1))
+        m.st_global(m.gep(oi_p, out_slot(j)), v)
+        return []
+      m.for_range(t, m.c(k), nt, [], few)
+    go = m.sgt(n, m.c(k))
+  else:
+    go = m.sgt(m.c(seg), m.c(0))   # always
+
+  with m.when(go):
+    _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
+                 misc_p, oi_p, ov_p, out_slot, S=S, k=k, cfg=cfg, direct=direct,
+                 vec_in=vec_in if direct else (4 if S % 4 == 0 else 1))
+
+
+def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
+                 misc_p, oi_p, ov_p, out_slot, *, S, k, cfg, direct, vec_in):
+  v_lo = m.shr(m.sub(lo, seg_lo), 2)                    # 4-key vectors, segment-local
+  v_hi = m.shr(m.add(m.sub(hi, seg_lo), m.c(3)), 2)
+
+  def hist_at(buf, d):
+    return m.gep(hist_p, m.add(m.c(buf * _HIST), d))
+
+  def zero_hist(buf):
+    for j in range(_HIST // nt):
+      m.st_shared(hist_at(buf, m.add(t, m.c(j * nt))), m.c(0))
+
+  def load_global_vec(base_p, vc):
+    """The 4 words of segment-local vector ``vc`` of a row of ``base_p`` (clamped in-row)."""
+    pos = m.add(seg_lo, m.shl(vc, 2))
+    if vec_in == 4:
+      return list(m.ld_global_v4(m.gep(base_p, m.add(row64, m.to_i64(pos)))))
+    out = []
+    for e in range(4):
+      pe = m.smin(m.add(pos, m.c(e)), m.c(S - 1))
+      out.append(m.ld_global(m.gep(base_p, m.add(row64, m.to_i64(pe)))))
+    return out
+
+  def vec_loop(unroll, carry, body):
+    """body(v_clamped, in_range, carry) -> carry for each of this thread's vectors."""
+    def step(vb, c):
+      vs = [m.add(vb, m.c(u * nt)) for u in range(unroll)]
+      ins = [m.slt(v, v_hi) for v in vs]
+      vcs = [m.select(p, v, v_lo) for v, p in zip(vs, ins)]
+      return body(vcs, ins, c)
+    return m.for_range(m.add(v_lo, t), v_hi, nt * unroll, carry, step)
+
+  # 1. Load: keys to shared memory, histogram of the top digit.
+  zero_hist(0)
+  m.barrier()
+  sh0, bits0 = _DIGITS[0]
+
+  def load_body(vcs, ins, c):
+    raw = [load_global_vec(x_p, vc) for vc in vcs]       # all loads issued first
+    cid = [load_global_vec(ci_p, vc) for vc in vcs] if not direct else None
+    for u, (vc, p) in enumerate(zip(vcs, ins)):
+      kv = []
+      for e in range(4):
+        pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
+        valid = m.land(p, m.land(m.sge(pos, lo), m.slt(pos, hi)))
+        if not direct:
+          valid = m.land(valid, m.sge(cid[u][e], m.c(0)))
+        key = m.select(valid, _sortable(raw[u][e]), m.c(0))
+        kv.append(key)
+        m.red_shared_add(hist_at(0, m.shr(key, sh0)), m.c(1), pred=valid)
+      m.st_shared_v4(m.gep(keys_p, m.shl(vc, 2)), kv, p)
+    return c
+
+  vec_loop(cfg.load_unroll, [], load_body)
+  m.barrier()
+
+  # 2. Select: one pass per digit while the bucket of the k-th key is not exact.
+  def scan(buf, nbins, krem, zero_next):
+    """(bucket, keys above it, keys in it, total) for the k_rem-th largest of hist[buf]."""
+    bpt = nbins // nt
+    base = m.mul(t, m.c(bpt))
+    hs = [m.ld_shared(hist_at(buf, m.add(base, m.c(j)))) for j in range(bpt)]
+    own = hs[0]
+    for h in hs[1:]:
+      own = m.add(own, h)
+    suf = own                                            # inclusive suffix sum in the warp
+    for d in (1, 2, 4, 8, 16):
+      y = m.shfl_down(suf, d)
+      suf = m.select(m.slt(m.add(lane, m.c(d)), m.c(32)), m.add(suf, y), suf)
+    m.st_shared(m.gep(misc_p, m.add(m.c(_WTOT), warp)), suf, pred=m.eq(lane, m.c(0)))
+    m.barrier()
+    total, later = m.c(0), m.c(0)
+    for w in range(nw):
+      tw = m.ld_shared(m.gep(misc_p, m.c(_WTOT + w)))
+      total = m.add(total, tw)
+      later = m.add(later, m.select(m.sgt(m.c(w), warp), tw, m.c(0)))
+    above = m.add(later, m.sub(suf, own))
+    for j in reversed(range(bpt)):
+      h = hs[j]
+      hit = m.land(m.slt(above, krem), m.sle(krem, m.add(above, h)))
+      m.st_shared(m.gep(misc_p, m.c(_RES)), m.add(base, m.c(j)), pred=hit)
+      m.st_shared(m.gep(misc_p, m.c(_RES + 1)), above, pred=hit)
+      m.st_shared(m.gep(misc_p, m.c(_RES + 2)), h, pred=hit)
+      above = m.add(above, h)
+    if zero_next is not None:
+      zero_hist(zero_next)
+    m.barrier()
+    res = [m.ld_shared(m.gep(misc_p, m.c(_RES + i))) for i in range(3)]
+    return res + [total]
+
+  def tied_nidx(vc, e):
+    """~index of segment-local key (vc, e): the tie order (larger = lower index)."""
+    if direct:
+      return m.bnot(m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e))))
+    pe = m.smin(m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e))), m.c(S - 1))
+    return m.bnot(m.ld_global(m.gep(ci_p, m.add(row64, m.to_i64(pe)))))
+
+  def digit_pass(state, on_idx, shift, bits, buf):
+    M1, P1, M2, P2, krem, done = state
+
+    def body(vcs, ins, c):
+      kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+      for vc, p, kv in zip(vcs, ins, kvs):
+        for e in range(4):
+          key = kv[e]
+          match = m.land(p, m.land(m.ne(key, m.c(0)), m.eq(m.band(key, M1), P1)))
+          if on_idx:
+            ni = tied_nidx(vc, e)
+            match = m.land(match, m.eq(m.band(ni, M2), P2))
+            val = ni
+          else:
+            val = key
+          d = m.band(m.shr(val, shift), m.c((1 << bits) - 1))
+          m.red_shared_add(hist_at(buf, d), m.c(1), pred=match)
+      return c
+
+    vec_loop(cfg.pass_unroll, [], body)
+    m.barrier()
+    b, above, cnt, _ = scan(buf, 1 << bits, krem, zero_next=1 - buf)
+    mask = m.c(((1 << bits) - 1) << shift)
+    pre = m.shl(b, shift)
+    krem2 = m.sub(krem, above)
+    done2 = m.eq(cnt, krem2)
+    if on_idx:
+      return [M1, P1, m.bor(M2, mask), m.bor(P2, pre), krem2, done2]
+    return [m.bor(M1, mask), m.bor(P1, pre), M2, P2, krem2, done2]
+
+  b0, above0, cnt0, total = scan(0, 1 << bits0, m.c(k), zero_next=1)
+  few = m.sle(total, m.c(k))
+  krem0 = m.sub(m.c(k), above0)
+  zero = m.c(0)
+  state = [m.select(few, zero, m.c(((1 << bits0) - 1) << sh0)),
+           m.select(few, zero, m.shl(b0, sh0)), zero, zero,
+           m.select(few, total, krem0),
+           m.lor(few, m.eq(cnt0, krem0))]
+  buf = 1
+  for on_idx, (shift, bits) in [(False, d) for d in _DIGITS[1:]] + [(True, d) for d in _DIGITS]:
+    st = state
+    state = m.if_else(m.lnot(st[5]),
+                      lambda st=st, on_idx=on_idx, shift=shift, bits=bits, buf=buf:
+                      digit_pass(st, on_idx, shift, bits, buf),
+                      lambda st=st: st, [v.type for v in st])
+    buf = 1 - buf
+  M1, P1, M2, P2, _, _ = state
+
+  def chosen(key, vc, e):
+    km = m.band(key, M1)
+    above = m.ugt(km, P1)
+    at = m.eq(km, P1)
+    tie_ok = m.uge(m.band(tied_nidx(vc, e), M2), P2)
+    return m.land(m.ne(key, m.c(0)), m.lor(above, m.land(at, tie_ok)))
+
+  # 3. Write: count, one block-wide exclusive scan, then each thread's run of slots.
+  def count_body(vcs, ins, c):
+    (cnt,) = c
+    kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+    for vc, p, kv in zip(vcs, ins, kvs):
+      for e in range(4):
+        sel = m.land(p, chosen(kv[e], vc, e))
+        cnt = m.add(cnt, m.as_i32(sel))
+    return [cnt]
+
+  (mine,) = vec_loop(cfg.pass_unroll, [m.c(0)], count_body)
+  incl = mine
+  for d in (1, 2, 4, 8, 16):
+    y = m.shfl_up(incl, d)
+    incl = m.select(m.sge(lane, m.c(d)), m.add(incl, y), incl)
+  m.st_shared(m.gep(misc_p, m.add(m.c(_WTOT), warp)), incl, pred=m.eq(lane, m.c(31)))
+  m.barrier()
+  n_sel, before = m.c(0), m.c(0)
+  for w in range(nw):
+    tw = m.ld_shared(m.gep(misc_p, m.c(_WTOT + w)))
+    n_sel = m.add(n_sel, tw)
+    before = m.add(before, m.select(m.slt(m.c(w), warp), tw, m.c(0)))
+  start = m.add(before, m.sub(incl, mine))
+
+  def write_body(vcs, ins, c):
+    (slot,) = c
+    kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+    for vc, p, kv in zip(vcs, ins, kvs):
+      for e in range(4):
+        sel = m.land(p, m.land(chosen(kv[e], vc, e), m.slt(slot, m.c(k))))
+        pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
+        if direct:
+          idx = pos
+        else:
+          idx = m.ld_global(m.gep(ci_p, m.add(row64, m.to_i64(m.smin(pos, m.c(S - 1))))))
+        m.st_global(m.gep(oi_p, out_slot(slot)), idx, pred=sel)
+        if ov_p is not None:
+          m.st_global(m.gep(ov_p, out_slot(slot)), _unsortable(kv[e]), pred=sel)
+        slot = m.add(slot, m.as_i32(sel))
+    return [slot]
+
+  vec_loop(cfg.pass_unroll, [start], write_body)
+
+  def fill(j, _):
+    m.st_global(m.gep(oi_p, out_slot(j)), m.c(-1))
+    if ov_p is not None:
+      m.st_global(m.gep(ov_p, out_slot(j)), m.c(0xFF800000))
+    return []
+
+  m.for_range(m.add(m.smin(n_sel, m.c(k)), t), m.c(k), nt, [], fill)
+
+
+# ---------------------------------------------------------------- value-level stand-in (CPU)
+def _segment_values(xs, ci, lo, hi, seg_lo, *, k, direct):
+  """The same passes on one segment's values (jnp): (indices [k], logits [k]).
+
+  ``xs``: f32 [seg] logits (or candidate logits), ``ci``: i32 [seg] candidate indices (None
+  when direct), ``[lo, hi)``: the valid range in row positions, ``seg_lo``: the position of
+  ``xs[0]``. Chosen indices come in ascending position order (the kernel's order differs;
+  the set is the same).
+  """
+  u32 = jnp.uint32
+  seg = xs.shape[0]
+  pos = seg_lo + jnp.arange(seg, dtype=jnp.int32)
+  valid = (pos >= lo) & (pos < hi)
+  if ci is not None:
+    valid &= ci >= 0
+  bits = lax.bitcast_convert_type(xs, u32)
+  mag = bits & u32(0x7FFFFFFF)
+  bits = jnp.where(mag > u32(0x7F800000), u32(0xFF800000), bits)
+  bits = jnp.where(mag == 0, u32(0), bits)
+  key = jnp.where((bits >> 31) == 1, ~bits, bits | u32(0x80000000))
+  key = jnp.where(valid, key, u32(0))
+  nidx = ~(pos if ci is None else ci).astype(u32)
+
+  def digit(val, match, shift, bits_, krem):
+    nb = 1 << bits_
+    d = ((val >> shift) & u32(nb - 1)).astype(jnp.int32)
+    h = jnp.zeros((nb,), jnp.int32).at[d].add(match.astype(jnp.int32))
+    above_incl = jnp.cumsum(h[::-1])[::-1]            # keys in bins >= b
+    above_excl = above_incl - h
+    hit = (above_excl < krem) & (krem <= above_incl)
+    b = jnp.argmax(hit).astype(jnp.int32)
+    return b, above_excl[b], h[b], jnp.sum(h)
+
+  sh0, b0bits = _DIGITS[0]
+  b, above, cnt, total = digit(key, key != 0, sh0, b0bits, jnp.int32(k))
+  few = total <= k
+  krem = jnp.where(few, total, k - above)
+  M1 = jnp.where(few, u32(0), u32(((1 << b0bits) - 1) << sh0))
+  P1 = jnp.where(few, u32(0), b.astype(u32) << sh0)
+  M2 = P2 = u32(0)
+  done = few | (cnt == krem)
+  for on_idx, (shift, bits_) in [(False, d) for d in _DIGITS[1:]] + [(True, d) for d in _DIGITS]:
+    match = (key != 0) & ((key & M1) == P1)
+    if on_idx:
+      match &= (nidx & M2) == P2
+    b, above, cnt, _ = digit(nidx if on_idx else key, match, shift, bits_, krem)
+    mask, pre = u32(((1 << bits_) - 1) << shift), b.astype(u32) << shift
+    krem2 = krem - above
+    if on_idx:
+      M2, P2 = jnp.where(done, M2, M2 | mask), jnp.where(done, P2, P2 | pre)
     else:
-      f0 = jnp.float32(0.0)
-    probes = []
-    for t in offsets:
-      d = jnp.clip(jnp.floor((f0 + jnp.float32(t)) * wf), 1.0, wf).astype(_U32)
-      probes.append(lo + jnp.clip(d, _U32(1), w - _U32(1)))
-    # The in-bracket min / max (~6 more instructions a key) only after a pass that left the
-    # counts unchanged: the bracket then likely holds one distinct value (ties).
-    counts, mn, mx = lax.cond(
-        stuck,
-        lambda: _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=True),
-        lambda: _count_pass(fold, tile, n_tiles, n_max, P, probes, lo, hi, snap=False))
-    new_lo, new_hi, new_clo, new_chi = lo, hi, c_lo, c_hi
-    for p, cnt in zip(probes, counts):
-      up = cnt >= k
-      raise_lo = up & (p > new_lo)
-      cut_hi = jnp.logical_not(up) & (p < new_hi)
-      new_lo, new_clo = jnp.where(raise_lo, p, new_lo), jnp.where(raise_lo, cnt, new_clo)
-      new_hi, new_chi = jnp.where(cut_hi, p, new_hi), jnp.where(cut_hi, cnt, new_chi)
-    # No key of the old bracket lies below mn or above mx: snapping the new bracket to them
-    # keeps both counts. A bracket holding one distinct value thus ends as [v, v + 1).
-    new_lo, new_hi = jnp.maximum(new_lo, mn), jnp.minimum(new_hi, mx + _U32(1))
-    slow = (new_hi - new_lo - _U32(1)) > (w >> 1)
-    stuck = (new_clo == c_lo) & (new_chi == c_hi)
-    return new_lo, new_hi, new_clo, new_chi, slow & jnp.logical_not(bisect), stuck
-
-  return lax.while_loop(cond, body, state)
+      M1, P1 = jnp.where(done, M1, M1 | mask), jnp.where(done, P1, P1 | pre)
+    done2 = cnt == krem2
+    krem = jnp.where(done, krem, krem2)
+    done = done | done2
+  km = key & M1
+  sel = (key != 0) & ((km > P1) | ((km == P1) & ((nidx & M2) >= P2)))
+  (where,) = jnp.nonzero(sel, size=k, fill_value=seg)
+  ok = where < seg
+  wc = jnp.minimum(where, seg - 1)
+  idx = jnp.where(ok, pos[wc] if ci is None else ci[wc], -1)
+  val = jnp.where(ok, xs[wc], -jnp.inf)
+  return idx.astype(jnp.int32), val.astype(jnp.float32)
 
 
-def _write(fold, o_ref, row, k, state):
-  """The last pass: the k indices, in the documented order (see the module docstring)."""
-  lo, hi, c_lo, c_hi, _, _ = state
-  # Either exactly k keys are >= lo, or lo is the k-th largest key itself (hi == lo + 1):
-  # then the c_hi keys above it go first and ties at lo fill the rest, lowest index first.
-  exact = c_lo == k
-  g = jnp.where(exact, lo, hi)
-  c_g = jnp.where(exact, k, c_hi)
+# ----------------------------------------------------------------------------------- launch
+def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool):
+  """One level: [R, S] logits (or candidates) -> [R, k] indices, or [R, nseg * k] candidate
+  (indices, logits) when the row runs as several segments."""
+  R, S = x.shape
+  seg = cfg.segment
+  nseg = _cdiv(S, seg)
+  direct = cidx is None
+  assert not final or nseg == 1
+  out_w = k if final else nseg * k
+  out_type = [jax.ShapeDtypeStruct((R, out_w), jnp.int32)]
+  if not final:
+    out_type.append(jax.ShapeDtypeStruct((R, out_w), jnp.float32))
+  n_in = 3 if direct else 4
 
-  def write(acc, key, idx):
-    off_sure, off_tie = acc
-    sure = key >= g
-    tie = (key == lo) & jnp.logical_not(exact)
-    cs = jnp.cumsum(sure.astype(_I32) + (tie.astype(_I32) << 16))
-    p_sure = off_sure + (cs & 0xFFFF) - 1
-    p_tie = c_g + off_tie + (cs >> 16) - 1
-    pos = jnp.where(sure, p_sure, p_tie)
-    m = sure | (tie & (p_tie < k))
-    # Masked lanes point past the row: a GPU store skips them, and interpret mode, which
-    # scatters every lane, drops out-of-bounds updates instead of clobbering a slot.
-    plt.store(o_ref.at[row, jnp.where(m, pos, k)], idx, mask=m)
-    total = jnp.max(cs)
-    return off_sure + (total & 0xFFFF), off_tie + (total >> 16)
+  def body(*refs):
+    ins, outs, scratch = refs[:n_in], refs[n_in:n_in + len(out_type)], refs[n_in + len(out_type):]
+    if direct:
+      ks_ref, ke_ref, x_ref = ins
+      ci_ref = None
+    else:
+      ks_ref, ke_ref, x_ref, ci_ref = ins
+    oi_ref = outs[0]
+    ov_ref = outs[1] if not final else None
+    keys_ref, hist_ref, misc_ref = scratch
+    s_idx = lax.axis_index("s")
+    r_idx = lax.axis_index("r")
+    if interpret:
+      _interpret_body(ks_ref, ke_ref, x_ref, ci_ref, oi_ref, ov_ref, s_idx, r_idx, S=S, k=k,
+                      seg=seg, nseg=nseg, final=final)
+      return
+    refs_in = [ks_ref, ke_ref, x_ref] + ([] if direct else [ci_ref])
+    refs_out = [oi_ref] + ([] if final else [ov_ref])
+    arg_types = ([plgpu.RefType()] * (len(refs_in) + len(refs_out) + 3)
+                 + [plgpu.Layout.WG_SPLAT] * 2)
 
-  fold(write, (jnp.int32(0), jnp.int32(0)))
+    @plgpu.inline_mgpu(arg_types=tuple(arg_types))
+    def _(ctx, *args):
+      a = list(args)
+      ks_, ke_, x_ = a[:3]
+      ci_ = None if direct else a[3]
+      o = a[len(refs_in):len(refs_in) + len(refs_out)]
+      keys_, hist_, misc_ = a[len(refs_in) + len(refs_out):-2]
+      s_, r_ = (v.registers.item() for v in a[-2:])
+      _emit_segment(ks_, ke_, x_, ci_, o[0], None if final else o[1], keys_, hist_, misc_,
+                    s_, r_, S=S, k=k, cfg=cfg, direct=direct, final=final)
+
+    _(*refs_in, *refs_out, keys_ref, hist_ref, misc_ref, s_idx, r_idx)
+
+  operands = [ks, ke, x] + ([] if direct else [cidx])
+  return plgpu.kernel(
+      body,
+      out_type=out_type[0] if final else tuple(out_type),
+      grid=(nseg, R),                 # rows on CUDA's x axis (no 65535 limit)
+      grid_names=("s", "r"),
+      num_threads=None if interpret else cfg.warpgroups,
+      thread_name=None if interpret else "wg",
+      scratch_types=[plgpu.SMEM((seg,), jnp.int32), plgpu.SMEM((2 * _HIST,), jnp.int32),
+                     plgpu.SMEM((_MISC + 8,), jnp.int32)],
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      kernel_name="nsa_radix_topk",
+  )(*operands)
+
+
+def _interpret_body(ks_ref, ke_ref, x_ref, ci_ref, oi_ref, ov_ref, s_idx, r_idx, *, S, k, seg,
+                    nseg, final):
+  direct = ci_ref is None
+  seg_lo = s_idx * seg
+  if direct:
+    lo_i = jnp.clip(ks_ref[r_idx], 0, S)
+    hi_i = jnp.clip(ke_ref[r_idx], lo_i, S)
+  else:
+    lo_i, hi_i = jnp.int32(0), jnp.int32(S)
+  pad = nseg * seg - S
+  row = x_ref[r_idx]
+  xs = lax.dynamic_slice(jnp.pad(row, (0, pad)), (seg_lo,), (seg,))
+  ci = None
+  if not direct:
+    ci = lax.dynamic_slice(jnp.pad(ci_ref[r_idx], (0, pad), constant_values=-1), (seg_lo,),
+                           (seg,))
+  lo = jnp.maximum(lo_i, seg_lo)
+  hi = jnp.maximum(jnp.minimum(hi_i, seg_lo + seg), lo)
+  idx, val = _segment_values(xs, ci, lo, hi, seg_lo, k=k, direct=direct)
+  if direct and final:
+    n = hi - lo
+    j = jnp.arange(k, dtype=jnp.int32)
+    idx = jnp.where(n <= k, jnp.where(j < n, lo + j, -1), idx)
+  if final:
+    oi_ref[r_idx] = idx
+  else:
+    cur = oi_ref[r_idx]
+    oi_ref[r_idx] = lax.dynamic_update_slice(cur, idx, (s_idx * k,))
+    curv = ov_ref[r_idx]
+    ov_ref[r_idx] = lax.dynamic_update_slice(curv, val, (s_idx * k,))
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "config", "ascending"))
@@ -556,21 +580,20 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
   """Per row, the indices of the k largest logits among keys in [ks, ke).
 
   Semantics are those of ``nsa_jax.reference.topk_indices`` (NaN ranks as -inf, every valid
-  key above every invalid one, -1 fill, rows with <= k valid keys returned whole without
-  reading values and listed in ascending index) except the order within a row, which is
-  unspecified unless ``ascending``. The set follows the reference's tie rule: when the k-th
-  largest key ties with the (k+1)-th, every key above it and then the lowest-index ties are
-  chosen.
+  key above every invalid one, -1 fill, rows with <= k valid keys returned whole) except the
+  order within a row, which is unspecified unless ``ascending``. The set follows the
+  reference's tie rule: when the k-th largest key ties with the (k+1)-th, every key above it
+  and then the lowest-index ties are chosen.
 
   Args:
     logits: float32 [T, S].
     ks, ke: int32 [T]; clamped to [0, S] (a row with ke <= ks has no valid key).
     k: static count, may exceed S.
-    interpret: run in Pallas interpret mode (CPU).
-    config: static :class:`TopKConfig`; None picks ``TopKConfig.default(S, k)``.
-    ascending: list each row's indices in ascending order (resident rows then always run the
-      per-tile scan write: a block-wide scan and sum per tile instead of one scan per row;
-      streaming rows are ascending anyway).
+    interpret: run the kernel shell in Pallas interpret mode with the value-level passes
+      (CPU).
+    config: static :class:`TopKConfig` for the first launch (the one reading logits);
+      None picks ``TopKConfig.default``. Merges always use their defaults.
+    ascending: list each row's indices in ascending order (one sort of the [T, k] result).
 
   Returns:
     int32 [T, k].
@@ -579,24 +602,28 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
   why = unsupported_reason(S, k)
   if why:
     raise ValueError(f"topk kernel: {why}")
-  cfg = config or TopKConfig.default(S, k)
-  kernel = functools.partial(_topk_kernel, num_keys=S, k=k, cfg=cfg, ascending=ascending,
-                             barrier=not interpret)
-  out_shape = [jax.ShapeDtypeStruct((T, k), jnp.int32)]
-  if cfg.compact:
-    # Per-row candidate scratch (keys, indices): written and read back by the row's program.
-    W = _round_up(k + cfg.compact, min(cfg.tile, _next_pow2(k + cfg.compact)))
-    out_shape += [jax.ShapeDtypeStruct((T, W), _U32), jax.ShapeDtypeStruct((T, W), _I32)]
-  # Without a scratch the output goes bare, not as a one-element list.
-  single = len(out_shape) == 1
-  out = pl.pallas_call(
-      kernel,
-      out_shape=out_shape[0] if single else out_shape,
-      grid=(T,),
-      in_specs=[pl.no_block_spec] * 3,
-      out_specs=pl.no_block_spec if single else [pl.no_block_spec] * len(out_shape),
-      compiler_params=plt.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
-      interpret=interpret,
-      name="nsa_topk",
-  )(ks.astype(_I32), ke.astype(_I32), logits.astype(jnp.float32))
-  return out if single else out[0]
+  levels = [cfg for _, cfg in plan(T, S, k)]
+  if config is not None:
+    nseg = _cdiv(S, config.segment)
+    levels = [config] + ([cfg for _, cfg in plan(T, nseg * k, k)] if nseg > 1 else [])
+  return _topk(logits, ks, ke, k=k, levels=tuple(levels), interpret=interpret,
+               ascending=ascending)
+
+
+def _topk(logits, ks, ke, *, k, levels, interpret=False, ascending=False):
+  """``topk_indices`` with an explicit list of launch configs (the first reads logits)."""
+  ks = ks.astype(jnp.int32)
+  ke = ke.astype(jnp.int32)
+  x, ci = logits.astype(jnp.float32), None
+  for i, cfg in enumerate(levels):
+    final = i == len(levels) - 1
+    out = _launch(x, ci, ks, ke, k=k, cfg=cfg, final=final, interpret=interpret)
+    if final:
+      idx = out
+    else:
+      ci, x = out
+  if ascending:
+    # -1 (as uint32, the largest) sorts last.
+    idx = lax.bitcast_convert_type(
+        jnp.sort(lax.bitcast_convert_type(idx, jnp.uint32), axis=1), jnp.int32)
+  return idx

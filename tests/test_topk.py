@@ -1,4 +1,5 @@
-"""Top-k selection: the xla backend and the Pallas kernel (interpret mode, CUDA lowering, GPU).
+"""Top-k selection: the xla backend and the Mosaic GPU kernel (interpret mode, CUDA lowering,
+GPU).
 
 Results are checked as sets against float64 numpy (``assert_valid_topk``: any choice among
 ties at the threshold passes); the kernel's tie rule (every key above the threshold, then the
@@ -121,63 +122,54 @@ def test_topk_pallas_tie_rule(case):
   _assert_tie_rule(out, x, lo, hi, k)
 
 
+_C = topk_kernel.TopKConfig
+
+
 @pytest.mark.parametrize("config", [
-    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4),     # several register tiles
-    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4),    # streaming row
-    topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
-                           out_chunk=32),                             # bisection only
-    topk_kernel.TopKConfig(tile=64, resident=True, num_warps=4),      # tiles past S (masked)
-    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, interpolate=False),
-    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, probes=1),  # one probe, streamed
-    topk_kernel.TopKConfig(tile=64, resident=False, num_warps=4, probes=3),   # odd probe count
-    topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, interpolate=False,
-                           probes=5),                                 # multisection
-    topk_kernel.TopKConfig(tile=2, resident=False, num_warps=4, probes=4),    # 16-bit lane counts
-    topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4, compact=64),  # scratch tiles
-    topk_kernel.TopKConfig(tile=256, resident=False, num_warps=4, compact=100,
-                           probes=2),                                 # one scratch tile
-], ids=["resident_tiles", "streaming", "bisection", "resident_partial", "resident_bisection",
-        "one_probe_streamed",
-        "three_probes", "multisection",
-        "wide_lane_counts", "compact", "compact_one_tile"])
-@pytest.mark.parametrize("case", ["distinct", "ties"])
+    _C(segment=1000, warpgroups=1),   # one segment: the direct, final launch
+    _C(segment=256, warpgroups=1),    # 4 segments (the last one short), then one merge
+    _C(segment=120, warpgroups=2),    # 9 segments of fewer than k + 1 keys: all kept
+    _C(segment=64, warpgroups=1),     # 16 segments, 1600 candidates, merged in one launch
+], ids=["one_segment", "four_segments", "short_segments", "tiny_segments"])
+@pytest.mark.parametrize("case", ["distinct", "ties", "all_neg_inf", "inf_and_nan"])
 def test_topk_pallas_configs(config, case):
+  """Split rows: every segment's top-k (with the tie rule) holds the row's top-k, and the
+  merge keeps the tie rule because candidates carry their row indices."""
   x, ks, ke, k, lo, hi = _case(case, T=6, S=1000, k=100)
   out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
                                  interpret=True, config=config)
   _assert_tie_rule(out, x, lo, hi, k)
 
 
-@pytest.mark.parametrize("config", [None, topk_kernel.TopKConfig(tile=128, resident=False,
-                                                                  num_warps=4)],
-                         ids=["resident", "streaming"])
+@pytest.mark.parametrize("config", [None, _C(segment=256, warpgroups=1)],
+                         ids=["one_segment", "split"])
 @pytest.mark.parametrize("case", ["distinct", "ties", "all_neg_inf", "few_valid", "inf_and_nan"])
 def test_topk_pallas_ascending(case, config):
   """``ascending=True``: the documented set, in ascending index, then -1."""
   x, ks, ke, k, lo, hi = _case(case)
   out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
                                  interpret=True, config=config, ascending=True)
-  np.testing.assert_array_equal(np.asarray(out), _expected_order(x, lo, hi, k))
+  want = _expected_order(x, lo, hi, k).astype(np.uint32)   # -1 sorts last as uint32
+  np.testing.assert_array_equal(np.asarray(out), np.sort(want, axis=1).astype(np.int32))
 
 
 def test_topk_pallas_long_rows_interpret():
-  """S >= 2**16 with the default (streaming, compacting) config: per-probe block sums (counts
-  no longer fit 16-bit pairs), then the search over the candidate scratch."""
+  """S > 32768 with the default plan: segments of <= 32768 keys, then a merge launch."""
   rng = np.random.default_rng(5)
   T, S, k = 2, 70000, 2048
   x = rng.standard_normal((T, S)).astype(np.float32)
   x[1] = np.round(x[1] * 8) / 8   # ties at the threshold
   ks = np.array([0, 1000], np.int32)
   ke = np.array([S, S - 3], np.int32)
-  assert topk_kernel.TopKConfig.default(S, k).compact
+  assert len(topk_kernel.plan(T, S, k)) == 2
   out = topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke), k=k,
                                  interpret=True)
   _assert_tie_rule(out, x, ks, ke, k)
 
 
 def test_topk_pallas_adversarial_values():
-  """Values spread over every exponent (and a cluster of near-equal ones at the threshold)
-  defeat interpolation; the bisection safeguard must still find the exact threshold."""
+  """Values over every exponent, a cluster of near-equal ones at the threshold (they share
+  22 of 32 key bits: three digit passes), subnormals and zeros."""
   rng = np.random.default_rng(3)
   T, S, k = 3, 512, 40
   x = (rng.choice([-1, 1], (T, S)) * 2.0 ** rng.uniform(-120, 120, (T, S))).astype(np.float32)
@@ -189,6 +181,23 @@ def test_topk_pallas_adversarial_values():
   _assert_tie_rule(out, x, ks, ke, k)
 
 
+def test_topk_pallas_ties_need_index_passes():
+  """More keys tie at the threshold than are wanted, at indices whose bits differ in every
+  digit: the index passes must pick the lowest indices."""
+  S, k = 5000, 7
+  x = np.zeros((2, S), np.float32)
+  x[0, [4999, 3, 2048, 1, 4095, 70, 2047, 9, 10]] = 1.0   # 9 tied maxima, 7 wanted
+  x[1] = 1.0                                               # all tied
+  ks = np.zeros(2, np.int32)
+  ke = np.full(2, S, np.int32)
+  for config in (None, _C(segment=1024, warpgroups=1)):
+    out = np.asarray(topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks),
+                                              jnp.asarray(ke), k=k, interpret=True,
+                                              config=config))
+    np.testing.assert_array_equal(np.sort(out[0]), [1, 3, 9, 10, 70, 2047, 2048])
+    np.testing.assert_array_equal(np.sort(out[1]), np.arange(k))
+
+
 def test_topk_pallas_few_valid_ignores_values():
   """Rows with <= k valid keys return them all, whatever the logits (even NaN)."""
   x = np.full((2, 64), np.nan, np.float32)
@@ -198,45 +207,44 @@ def test_topk_pallas_few_valid_ignores_values():
   np.testing.assert_array_equal(out[1], np.arange(64))
 
 
-def test_topk_config_rejects_resident_multi_probe():
-  """Resident rows run the single-probe search only; asking for more is an error, not a
-  silently different kernel."""
-  assert topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4).probes == 1
-  assert topk_kernel.TopKConfig(tile=128, resident=False, num_warps=4).probes == 8
-  with pytest.raises(ValueError, match="resident rows take"):
-    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, probes=4)
-  with pytest.raises(ValueError, match="resident rows take"):
-    topk_kernel.TopKConfig(tile=128, resident=True, num_warps=4, compact=64)
+def test_topk_plan():
+  """Rows of <= 32768 keys run as one launch; longer rows, and few rows, are split into
+  segments whose candidates (segments x k) the next launch merges."""
+  assert [c.segment for _, c in topk_kernel.plan(8192, 32768, 2048)] == [32768]
+  assert [c.segment for _, c in topk_kernel.plan(8192, 8192, 2048)] == [8192]
+  lv = topk_kernel.plan(8192, 65536, 2048)
+  assert [n for n, _ in lv] == [65536, 4096] and lv[0][1].segment == 32768
+  for rows, S, k in [(1, 1 << 20, 2048), (64, 32768, 512), (1, 131072, 1024), (3, 1000, 16)]:
+    lv = topk_kernel.plan(rows, S, k)
+    assert lv[0][0] == S and -(-lv[-1][0] // lv[-1][1].segment) == 1
+    for (n, c), (n2, _) in zip(lv, lv[1:]):
+      assert n2 == -(-n // c.segment) * k < n     # every merge shrinks the row
+  with pytest.raises(ValueError, match="multiple of 4"):
+    _C(segment=1001, warpgroups=1)
+  with pytest.raises(ValueError, match="warpgroups"):
+    _C(segment=1024, warpgroups=3)
 
 
 def test_topk_pallas_unsupported_reason():
   assert topk_kernel.unsupported_reason(32768, 2048) is None
-  assert topk_kernel.unsupported_reason(262144, 2048) is None
+  assert topk_kernel.unsupported_reason(1 << 20, 2048) is None
   assert topk_kernel.unsupported_reason(0, 2048) is not None
 
 
 # --------------------------------------------------------------------------- CUDA lowering
 
-def _h100_mesh():
-  """An abstract H100, so that Pallas-Triton (which asks for the GPU's compute capability)
-  lowers to CUDA on a CPU-only machine."""
-  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                    platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
-                                   abstract_device=dev)
-
-
-@pytest.mark.parametrize("T,S", [(4096, 32768), (64, 131072), (8, 262144), (8192, 8192),
-                                 (8192, 65536), (3, 1000)])
-def test_topk_pallas_lowers_for_cuda(T, S):
-  """Runs the whole Pallas -> Triton IR lowering for CUDA at production shapes (no GPU
-  needed; Triton's own compile to PTX happens in XLA on the GPU and is not covered)."""
+@pytest.mark.parametrize("T,S,k", [(4096, 32768, 2048), (1, 131072, 2048), (8, 1 << 20, 2048),
+                                   (8192, 8192, 2048), (8192, 65536, 512), (3, 1001, 16)])
+def test_topk_pallas_lowers_for_cuda(T, S, k):
+  """Builds and verifies the kernel's Mosaic GPU module for CUDA at production shapes,
+  including the per-thread code emitted through inline_mgpu (no GPU needed; PTX assembly
+  happens on the GPU and is covered by the GPU tests)."""
   x = jax.ShapeDtypeStruct((T, S), jnp.float32)
   i = jax.ShapeDtypeStruct((T,), jnp.int32)
-  f = jax.jit(lambda a, b, c: topk_kernel.topk_indices(a, b, c, k=2048))
-  with jax.sharding.use_abstract_mesh(_h100_mesh()):
-    text = f.trace(x, i, i).lower(lowering_platforms=("cuda",)).as_text()
-  assert "__gpu$xla.gpu.triton" in text
+  f = jax.jit(lambda a, b, c: topk_kernel.topk_indices(a, b, c, k=k))
+  text = f.trace(x, i, i).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= len(topk_kernel.plan(T, S, k))
+  assert "triton" not in text
 
 
 # --------------------------------------------------------------------------- GPU, full size
@@ -260,27 +268,51 @@ def _assert_same_sets(a, b):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,S", [(4096, 32768), (64, 131072), (2, 262144), (512, 8192),
-                                 (256, 65536), (300, 30000), (1, 32768), (100, 3000)])
-def test_topk_pallas_gpu_matches_lax_top_k(T, S):
+@pytest.mark.parametrize("T,S,k", [(4096, 32768, 2048), (64, 131072, 2048), (2, 1 << 20, 2048),
+                                   (512, 8192, 2048), (256, 65536, 2048), (300, 30000, 2048),
+                                   (1, 32768, 2048), (1, 131072, 2048), (100, 3001, 2048),
+                                   (64, 32768, 512), (16, 262144, 1024), (7, 100003, 1)])
+def test_topk_pallas_gpu_matches_lax_top_k(T, S, k):
   x, ks, ke = _gpu_case(T, S)
-  out = _run(x, ks, ke, 2048, backend="pallas")
-  _, ref = jax.lax.top_k(x, 2048)   # random normals: distinct values, so sets are unique
+  out = _run(x, ks, ke, k, backend="pallas")
+  _, ref = jax.lax.top_k(x, min(k, S))   # random normals: distinct values, so sets are unique
   _assert_same_sets(out, ref)
 
 
 @pytest.mark.gpu
-def test_topk_pallas_gpu_ragged_and_ties():
-  x, ks, ke = _gpu_case(256, 32768, seed=1, ragged=True)
+@pytest.mark.parametrize("T,S", [(256, 32768), (16, 200000), (1, 1 << 20)])
+def test_topk_pallas_gpu_ragged_and_ties(T, S):
+  x, ks, ke = _gpu_case(T, S, seed=1, ragged=True)
   x = jnp.round(x * 4) / 4   # heavy ties
-  out = _run(x, ks, ke, 2048, backend="pallas")
+  out = np.asarray(_run(x, ks, ke, 2048, backend="pallas"))
   xn, ksn, ken = np.asarray(x), np.asarray(ks), np.asarray(ke)
-  rows = np.arange(0, 256, 16)
-  assert_valid_topk(np.asarray(out)[rows], xn[rows], ksn[rows], ken[rows], 2048)
-  _assert_tie_rule(np.asarray(out)[rows], xn[rows], ksn[rows], ken[rows], 2048)
+  rows = np.arange(0, T, max(1, T // 16))
+  assert_valid_topk(out[rows], xn[rows], ksn[rows], ken[rows], 2048)
+  _assert_tie_rule(out[rows], xn[rows], ksn[rows], ken[rows], 2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("S", [300, 40000])
+def test_topk_pallas_gpu_edge_cases(case, S):
+  """The CPU edge cases (NaN, +-inf, empty and out-of-range rows, few valid, k > S) on the
+  kernel itself, one segment (S = 300) and split rows with a merge (S = 40000)."""
+  x, ks, ke, k, lo, hi = _case(case, T=9, S=S, k=64)
+  out = np.asarray(_run(x, ks, ke, k, backend="pallas"))
+  assert_valid_topk(out, x, lo, hi, k)
+  _assert_tie_rule(out, x, lo, hi, k)
 
 
 @pytest.mark.gpu
 def test_topk_pallas_gpu_matches_xla_backend_sets():
-  x, ks, ke = _gpu_case(512, 40000, seed=2, ragged=True)   # streaming, ragged rows
+  x, ks, ke = _gpu_case(512, 40000, seed=2, ragged=True)   # split, ragged rows
   _assert_same_sets(_run(x, ks, ke, 2048, backend="pallas"), _run(x, ks, ke, 2048, backend="xla"))
+
+
+@pytest.mark.gpu
+def test_topk_pallas_gpu_deterministic():
+  """Same inputs, same output, order included (no atomics decide a slot)."""
+  x, ks, ke = _gpu_case(64, 65536, seed=3, ragged=True)
+  first = np.asarray(_run(x, ks, ke, 2048, backend="pallas"))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(_run(x, ks, ke, 2048, backend="pallas")), first)

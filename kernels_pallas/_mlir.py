@@ -1,0 +1,257 @@
+"""A small vocabulary for per-thread Mosaic GPU code written inside ``plgpu.inline_mgpu``.
+
+Pallas' array-level Mosaic GPU code has no per-lane scatter, gather or scan (measured in jax
+0.11.2: ``int_indexer_shape non-empty``, ``cumsum`` unimplemented), which a radix select needs.
+``plgpu.inline_mgpu`` hands a function the raw MLIR builder inside the kernel; this module
+keeps that code readable: unsigned 32-bit arithmetic on ``arith`` values, shared and global
+memory through PTX with explicit addresses, warp shuffles, block barriers and structured loops.
+Everything here emits code at trace time; nothing runs in Python per element.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from jax._src.lib.mlir import ir
+from jax._src.lib.mlir.dialects import arith, gpu, llvm, nvvm, scf
+from jax.experimental.mosaic.gpu import utils as mu
+
+
+def i32():
+  return ir.IntegerType.get_signless(32)
+
+
+def i64():
+  return ir.IntegerType.get_signless(64)
+
+
+def c(v: int, ty=None):
+  """An i32 (or ``ty``) constant; values >= 2**31 are taken as their uint32 bit pattern."""
+  ty = ty or i32()
+  bits = ir.IntegerType(ty).width
+  v &= (1 << bits) - 1
+  if v >= 1 << (bits - 1):
+    v -= 1 << bits
+  return arith.constant(ty, v)
+
+
+def add(a, b):
+  return arith.addi(a, b)
+
+
+def sub(a, b):
+  return arith.subi(a, b)
+
+
+def mul(a, b):
+  return arith.muli(a, b)
+
+
+def band(a, b):
+  return arith.andi(a, b)
+
+
+def bor(a, b):
+  return arith.ori(a, b)
+
+
+def bxor(a, b):
+  return arith.xori(a, b)
+
+
+def bnot(a):
+  return arith.xori(a, c(-1, a.type))
+
+
+def shl(a, n):
+  return arith.shli(a, n if isinstance(n, ir.Value) else c(n, a.type))
+
+
+def shr(a, n):
+  """Logical (unsigned) shift right."""
+  return arith.shrui(a, n if isinstance(n, ir.Value) else c(n, a.type))
+
+
+def _cmp(pred):
+  return lambda a, b: arith.cmpi(pred, a, b)
+
+
+eq = _cmp(arith.CmpIPredicate.eq)
+ne = _cmp(arith.CmpIPredicate.ne)
+ult = _cmp(arith.CmpIPredicate.ult)
+ule = _cmp(arith.CmpIPredicate.ule)
+ugt = _cmp(arith.CmpIPredicate.ugt)
+uge = _cmp(arith.CmpIPredicate.uge)
+slt = _cmp(arith.CmpIPredicate.slt)
+sle = _cmp(arith.CmpIPredicate.sle)
+sgt = _cmp(arith.CmpIPredicate.sgt)
+sge = _cmp(arith.CmpIPredicate.sge)
+
+
+def land(a, b):
+  return arith.andi(a, b)
+
+
+def lor(a, b):
+  return arith.ori(a, b)
+
+
+def lnot(a):
+  return arith.xori(a, arith.constant(ir.IntegerType.get_signless(1), 1))
+
+
+def select(p, a, b):
+  return arith.select(p, a, b)
+
+
+def smin(a, b):
+  return arith.minsi(a, b)
+
+
+def smax(a, b):
+  return arith.maxsi(a, b)
+
+
+def umin(a, b):
+  return arith.minui(a, b)
+
+
+def umax(a, b):
+  return arith.maxui(a, b)
+
+
+def as_i32(p):
+  """0 / 1 of an i1."""
+  return arith.extui(i32(), p)
+
+
+def to_i64(a):
+  return arith.extsi(i64(), a)
+
+
+def zext64(a):
+  return arith.extui(i64(), a)
+
+
+def f32_bits(x):
+  return arith.bitcast(i32(), x)
+
+
+def bits_f32(x):
+  return arith.bitcast(ir.F32Type.get(), x)
+
+
+def thread_id():
+  return arith.index_cast(i32(), gpu.thread_id(gpu.Dimension.x))
+
+
+def barrier():
+  """Every thread of the block (``bar.sync 0``); shared-memory writes before it are visible."""
+  gpu.barrier()
+
+
+def popc(a):
+  return llvm.intr_ctpop(a) if hasattr(llvm, "intr_ctpop") else mu.inline_ptx(
+      "popc.b32 $0, $1;", a, result_types=i32())
+
+
+def shfl_down(x, d: int):
+  return nvvm.shfl_sync(c(-1), x, c(d), c(0x1F), nvvm.ShflKind.down)
+
+
+def shfl_up(x, d: int):
+  return nvvm.shfl_sync(c(-1), x, c(d), c(0), nvvm.ShflKind.up)
+
+
+def shfl_idx(x, src):
+  return nvvm.shfl_sync(c(-1), x, src if isinstance(src, ir.Value) else c(src),
+                        c(0x1F), nvvm.ShflKind.idx)
+
+
+def ballot(p):
+  return nvvm.vote_sync(c(-1), p, nvvm.VoteSyncKind.ballot)
+
+
+# ---------------------------------------------------------------- memory, by explicit address
+def ptr(ref):
+  """The base address of a memref: an llvm pointer (shared: addrspace 3, global: 0 / 1)."""
+  return mu.memref_ptr(ref)
+
+
+def gep(p, index, elt=None):
+  """``p + index`` elements of ``elt`` (i32 by default); index is an i32 or i64 value."""
+  return mu.getelementptr(p, [index], elt or i32())
+
+
+def ld_shared(p):
+  return mu.inline_ptx("ld.shared.b32 $0, [$1];", p, result_types=i32(), has_side_effects=True)
+
+
+def ld_shared_v4(p):
+  return mu.inline_ptx("ld.shared.v4.b32 {$0, $1, $2, $3}, [$4];", p,
+                       result_types=[i32()] * 4, has_side_effects=True)
+
+
+def st_shared(p, v, pred=None):
+  mu.inline_ptx("st.shared.b32 [$0], $1;", p, v, predicate=pred, has_side_effects=True)
+
+
+def st_shared_v4(p, vs, pred=None):
+  mu.inline_ptx("st.shared.v4.b32 [$0], {$1, $2, $3, $4};", p, *vs, predicate=pred,
+                has_side_effects=True)
+
+
+def red_shared_add(p, v, pred=None):
+  """A relaxed shared-memory reduction (no return value): PTX ``red.shared.add.u32``."""
+  mu.inline_ptx("red.shared.add.u32 [$0], $1;", p, v, predicate=pred, has_side_effects=True)
+
+
+def ld_global(p):
+  """One 32-bit load from global memory (read-only path: the inputs are never written here)."""
+  return mu.inline_ptx("ld.global.nc.b32 $0, [$1];", p, result_types=i32())
+
+
+def ld_global_v4(p):
+  """A 16-byte load from global memory; ``p`` must be 16-byte aligned."""
+  return mu.inline_ptx("ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];", p,
+                       result_types=[i32()] * 4)
+
+
+def st_global(p, v, pred=None):
+  mu.inline_ptx("st.global.b32 [$0], $1;", p, v, predicate=pred, has_side_effects=True)
+
+
+def global_ptr(ref):
+  """A global-memory pointer (addrspace 1) to a GMEM memref's first element."""
+  p = ptr(ref)
+  if llvm.PointerType(p.type).address_space == 1:
+    return p
+  return llvm.addrspacecast(llvm.PointerType.get(1), p)
+
+
+# ----------------------------------------------------------------------------- control flow
+@contextlib.contextmanager
+def when(cond):
+  with ir.InsertionPoint(scf.IfOp(cond).then_block):
+    yield
+    scf.yield_([])
+
+
+def if_else(cond, then_fn, else_fn, types):
+  """``then_fn()`` or ``else_fn()``, each returning a list of values of ``types``."""
+  op = scf.IfOp(cond, types, has_else=True)
+  with ir.InsertionPoint(op.then_block):
+    scf.yield_(list(then_fn()))
+  with ir.InsertionPoint(op.else_block):
+    scf.yield_(list(else_fn()))
+  return list(op.results)
+
+
+def for_range(lo, hi, step, carry, body):
+  """``for i in range(lo, hi, step)`` over i32 values; ``body(i, carry) -> carry`` (a list)."""
+  step = step if isinstance(step, ir.Value) else c(step)
+  op = scf.ForOp(lo, hi, step, list(carry))
+  with ir.InsertionPoint(op.body):
+    out = body(op.induction_variable, list(op.inner_iter_args))
+    scf.yield_(list(out))
+  return list(op.results)
