@@ -1,30 +1,32 @@
-"""Top-2048 per row: the Pallas-Triton kernel against ``lax.top_k`` (the xla backend).
+"""Top-k per row (k = 2048): the Mosaic GPU radix-select kernel, beside ``lax.top_k`` and the
+peers (FlashInfer, sgl-kernel) timed in the same device call by ``.anchors/run.sh``.
 
-Usage: python benchmarks/bench_topk.py [--smoke] [--out DIR] [--dist normal|ties|causal]
-                                       [--no-xla] [--no-prefill] [--bisection] [--ascending]
-                                       [--tile N --warps N --streaming --probes N
-                                        --compact C --shapes 4096x32768,8x262144]
+Usage: python benchmarks/bench_topk.py [--smoke] [--out DIR] [--peers anchors.json]
+                                       [--shapes 8192x32768,8192x32768c,1x131072]
+                                       [--no-xla] [--no-prefill] [--ascending] [--ab MODULE]
 
-- Top-k rows: rows x keys in {8192 x 8K, 4096 x 32K (the issue's 10x criterion),
-  8192 x 32K, 8192 x 64K, 64 x 128K, 8 x 256K}, k = 2048, float32 N(0, 1) logits, full rows
-  (``--dist causal``: causal ranges, ``--dist ties``: values rounded to 1/8). GB/s counts the
-  logits read once (rows x keys x 4 bytes) over the kernel's time; the floor is that read at
-  the measured copy bandwidth.
-- Prefill split (T = S = 32768, causal, H=64, D=128): the Pallas logits alone, top-k of those
-  logits by either backend, and ``prefill_topk`` end to end (Pallas logits + Pallas top-k).
-  "before" = logits + xla top-k, "after" = logits + Pallas top-k.
-Timing: 3 warm-up calls, then the median of >= 20 calls, each blocking on its result; both
-the wall time of one call and the device time per call (``common.time_per_call``: 5 calls
-in one jit minus 1, over 4; host dispatch and launch latency cancel) are reported, and GB/s
-uses the device time.
-On CPU only ``--smoke`` does anything: it runs the kernel in interpret mode on tiny rows to
-check it end to end (no timing is meaningful there).
+- Rows x keys (``c``: causal rows, row i of R keys ``[0, S - R + i + 1)``), float32 N(0, 1)
+  logits; by default the peers' table: 8192 x 8K / 32K / 32K causal / 64K / 128K,
+  4096 x 32K and the decode-like 1 x 32K, 1 x 128K, 64 x 32K.
+- Times per call: ``dev_ms``, the device time (``common.time_per_call``: 5 calls in one jit
+  minus 1, over 4; host dispatch cancels; consecutive calls rotate over 5 input sets);
+  ``kernel_ms``, the kernels' own time with L2 flushed before each call, from the torch
+  profiler (the peers' ``kineto_ms``, same method); ``wall_ms``, one blocking call.
+  ``vs_peer`` = best peer kineto_ms / our kernel_ms (> 1: faster than the best peer).
+  GB/s counts the logits read once over kernel_ms; ``floor_ms`` is that read at the copy rate.
+- ``--ab MODULE``: also time another top-k module with the same ``topk_indices`` signature
+  (an older kernel kept outside the package) in the same run.
+- Prefill split (T = S = 32768, causal, H = 64, D = 128): the Pallas logits alone, the top-k
+  of those logits, and ``prefill_topk`` end to end (wall time of one call, as before).
+On CPU only ``--smoke`` does anything: interpret mode on tiny rows, no timings.
 Writes JSON to --out and (unless --smoke) benchmarks/results/topk.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import sys
 
@@ -39,79 +41,113 @@ from benchmarks import common  # noqa: E402
 from kernels_pallas import topk as kernel  # noqa: E402
 
 K = 2048
-FULL = [(8192, 8192), (4096, 32768), (8192, 32768), (8192, 65536), (64, 131072), (8, 262144)]
-SMOKE_GPU = [(512, 8192), (256, 32768), (8, 131072)]
-SMOKE_CPU = [(4, 3000)]
+FULL = ["8192x8192", "4096x32768", "8192x32768", "8192x32768c", "8192x65536", "8192x131072",
+        "1x32768", "1x131072", "64x32768"]
+SMOKE_GPU = ["512x8192", "256x32768", "8x131072", "1x32768"]
+SMOKE_CPU = ["4x3000", "2x3000c"]
+COPY_TBS = 4.25   # H200 device-to-device copy measured through torch (read + write)
 
 
-def logits_case(T, S, dist, seed=0):
-  key = jax.random.key(seed)
-  x = jax.random.normal(key, (T, S), jnp.float32)
+def parse_shape(s):
+  causal = s.endswith("c")
+  T, S = (int(v) for v in s.rstrip("c").split("x"))
+  return T, S, causal
+
+
+def logits_case(T, S, causal, seed=0):
+  x = jax.random.normal(jax.random.key(seed), (T, S), jnp.float32)
   ks = jnp.zeros((T,), jnp.int32)
   ke = jnp.full((T,), S, jnp.int32)
-  if dist == "ties":
-    x = jnp.round(x * 8) / 8
-  elif dist == "causal":  # query i of the last T positions sees S - T + i + 1 keys
+  if causal:
     ke = jnp.arange(T, dtype=jnp.int32) + S - T + 1
   return x, ks, ke
 
 
-def topk_rows(args, on_gpu):
-  def config_for(S):
-    base = kernel.TopKConfig.default(S, K)
-    return kernel.TopKConfig(tile=args.tile or base.tile,
-                             resident=base.resident and not args.streaming,
-                             num_warps=args.warps or base.num_warps,
-                             interpolate=not args.bisection, out_chunk=base.out_chunk,
-                             probes=args.probes or base.probes,
-                             compact=base.compact if args.compact < 0 else args.compact)
+def load_peers(path):
+  """{shape: {impl: kineto_ms}} from an ``.anchors`` results file (anchors.json)."""
+  if not path or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    data = json.load(f)
+  out = {}
+  for r in data.get("topk", data.get("results", [])) if isinstance(data, dict) else data:
+    if not isinstance(r, dict) or "impl" not in r:
+      continue
+    shape = r.get("shape") or f"{r.get('rows')}x{r.get('keys')}{'c' if r.get('causal') else ''}"
+    if r.get("kineto_ms") is not None:
+      out.setdefault(shape, {})[r["impl"]] = r["kineto_ms"]
+  return out
 
+
+def same_sets(out, x, ks, ke, rows=64):
+  """Our sets equal lax.top_k's on up to ``rows`` rows (N(0, 1) values: no ties)."""
+  T = x.shape[0]
+  pick = np.unique(np.linspace(0, T - 1, min(rows, T)).astype(np.int64))
+  xs = np.asarray(x[pick])
+  ke_n = np.asarray(ke)[pick]
+  col = np.arange(x.shape[1])[None, :]
+  xs = np.where(col < ke_n[:, None], xs, -np.inf)
+  ref = np.asarray(jax.lax.top_k(jnp.asarray(xs), K)[1])
+  ref = np.where(np.take_along_axis(xs, ref, 1) == -np.inf, -1, ref)
+  return bool((np.sort(np.asarray(out)[pick], 1) == np.sort(ref, 1)).all())
+
+
+def topk_rows(args, on_gpu):
   shapes = (SMOKE_GPU if on_gpu else SMOKE_CPU) if args.smoke else FULL
   if args.shapes:
-    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
-  iters = 5 if args.smoke else 20
-  copy_tbs = common.COPY_CEILING_TBS
+    shapes = args.shapes.split(",")
+  peers = load_peers(args.peers)
+  impls = [("mosaic", kernel)]
+  if args.ab:
+    impls.append((args.ab.rsplit(".", 1)[-1], importlib.import_module(args.ab)))
   rows = []
-  for T, S in shapes:
-    x, ks, ke = logits_case(T, S, args.dist)
-    used = config_for(S)
-    pallas_fn = lambda a, b, c: kernel.topk_indices(a, b, c, k=K, config=used,
-                                                    interpret=not on_gpu,
-                                                    ascending=args.ascending)
-    xla_fn = lambda a, b, c: nsa_jax.topk_indices(a, b, c, k=K, backend="xla")
-    pallas, xla = jax.jit(pallas_fn), jax.jit(xla_fn)
-    out = pallas(x, ks, ke)
-    ref = xla(x, ks, ke)
-    same = bool((jnp.sort(out, axis=1) == jnp.sort(ref, axis=1)).all())
-    row = dict(rows=T, keys=S, k=K, config=f"{'res' if used.resident else 'stream'}/t{used.tile}"
-               f"/w{used.num_warps}/p{used.probes}{f'/c{used.compact}' if used.compact else ''}"
-               f"{'' if used.interpolate else '/bis'}{'/asc' if args.ascending else ''}",
-               same_sets=same)
+  for shape in shapes:
+    T, S, causal = parse_shape(shape)
+    x, ks, ke = logits_case(T, S, causal)
+    row = dict(shape=shape, k=K, levels="+".join(
+        f"{-(-n // c.segment)}x{c.segment}/{c.warpgroups}wg" for n, c in kernel.plan(T, S, K)))
+    for name, mod in impls:
+      fn = lambda a, b, c, mod=mod: mod.topk_indices(a, b, c, k=K, interpret=not on_gpu,
+                                                     ascending=args.ascending)
+      out = jax.jit(fn)(x, ks, ke)
+      row[f"{name}_same_sets"] = same_sets(out, x, ks, ke)
+      if not on_gpu:
+        continue
+      nrep = 5 if T * S <= 2 ** 30 else 3
+      sets = [(x + jnp.float32(r), ks, ke) for r in range(nrep)]
+
+      def make(R, fn=fn, sets=sets):
+        return jax.jit(lambda s: [fn(*a) for a in s]), (sets[:R],)
+
+      wall, _, dev = common.time_per_call(make, r_big=nrep, iters=10)
+      kern = common.kernel_ms_per_call(jax.jit(fn), (x, ks, ke))
+      row.update({f"{name}_wall_ms": wall * 1e3, f"{name}_dev_ms": dev * 1e3,
+                  f"{name}_kernel_ms": kern})
+      del sets
     if on_gpu:
-      # R distinct logits arrays (shifted copies: same sets) so that XLA cannot merge calls.
-      arg_sets = [(x + jnp.float32(r), ks, ke) for r in range(5)]
-
-      def make(fn):
-        return lambda R: (jax.jit(lambda sets: [fn(*a) for a in sets]), (arg_sets[:R],))
-
-      t_p, _, d_p = common.time_per_call(make(pallas_fn), iters=iters)
-      nbytes = T * S * 4
-      row.update(pallas_ms=t_p * 1e3, pallas_dev_ms=d_p * 1e3, gbs=nbytes / d_p / 1e9,
-                 floor_ms=nbytes / (copy_tbs * 1e12) * 1e3)
-      if not args.no_xla:
-        t_x, _, d_x = common.time_per_call(make(xla_fn),
-                                           iters=3 if T * S > 2 ** 28 else iters)
-        row.update(xla_ms=t_x * 1e3, xla_dev_ms=d_x * 1e3, speedup=t_x / t_p,
-                   speedup_dev=d_x / d_p)
-      del arg_sets
+      kern = row.get("mosaic_kernel_ms")
+      row["floor_ms"] = T * S * 4 / (COPY_TBS / 2 * 1e12) * 1e3   # one read at half the copy rate
+      if kern:
+        row["gbs"] = T * S * 4 / kern / 1e6
+      p = peers.get(shape, {})
+      for impl, key in (("flashinfer.top_k_ragged_transform", "fi_ms"),
+                        ("sgl.fast_topk_v2", "sgl_ms")):
+        if impl in p:
+          row[key] = p[impl]
+      best = min([v for k_, v in row.items() if k_ in ("fi_ms", "sgl_ms")], default=None)
+      if best and kern:
+        row["vs_peer"] = best / kern
+      if not args.no_xla and T * S <= 2 ** 28:
+        xla = jax.jit(lambda a, b, c: nsa_jax.topk_indices(a, b, c, k=K, backend="xla"))
+        row["xla_kernel_ms"] = common.kernel_ms_per_call(xla, (x, ks, ke), calls=3)
     rows.append(row)
     print(row, flush=True)
-    del x, ks, ke, out, ref
+    del x, ks, ke
   return rows
 
 
 def prefill_split(args):
-  """T = S = 32768 causal prefill: where the time goes, before and after the Pallas top-k."""
+  """T = S = 32768 causal prefill: logits, top-k, and prefill_topk end to end."""
   T = S = 2048 if args.smoke else 32768
   H, D = 64, 128
   rng = np.random.default_rng(0)
@@ -126,63 +162,51 @@ def prefill_split(args):
   t_logits = common.time_fn(logits_fn, *a, iters=iters)
   logits = logits_fn(*a)
   tk_p = jax.jit(lambda l, s, e: nsa_jax.topk_indices(l, s, e, k=K, backend="pallas"))
-  tk_x = jax.jit(lambda l, s, e: nsa_jax.topk_indices(l, s, e, k=K, backend="xla"))
   t_tp = common.time_fn(tk_p, logits, ks, ke, iters=iters)
-  t_tx = common.time_fn(tk_x, logits, ks, ke, iters=3)
+  k_tp = common.kernel_ms_per_call(tk_p, (logits, ks, ke), calls=5)
   del logits
   nsa_jax.budget.prime()
   e2e = jax.jit(lambda *x: nsa_jax.prefill_topk(*x, k=K, backend="pallas"))
   t_e2e = common.time_fn(e2e, *a, iters=iters)
-  row = dict(T=T, S=S, logits_ms=t_logits * 1e3, topk_pallas_ms=t_tp * 1e3,
-             topk_xla_ms=t_tx * 1e3, before_ms=(t_logits + t_tx) * 1e3,
-             after_ms=(t_logits + t_tp) * 1e3, prefill_topk_ms=t_e2e * 1e3,
-             topk_share_after=t_tp / (t_logits + t_tp))
+  row = dict(T=T, S=S, logits_ms=t_logits * 1e3, topk_ms=t_tp * 1e3, topk_kernel_ms=k_tp,
+             prefill_topk_ms=t_e2e * 1e3, topk_share=t_tp / (t_logits + t_tp))
   print(row, flush=True)
   return [row]
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__)
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--smoke", action="store_true")
   ap.add_argument("--out", default=None)
-  ap.add_argument("--dist", default="normal", choices=["normal", "ties", "causal"])
+  ap.add_argument("--peers", default=None, help="anchors.json of .anchors/run.sh, same run")
+  ap.add_argument("--shapes", default="", help="e.g. 4096x32768,8192x32768c,1x131072")
   ap.add_argument("--no-xla", action="store_true", help="skip the lax.top_k baseline")
   ap.add_argument("--no-prefill", action="store_true", help="skip the T=S=32K prefill split")
-  ap.add_argument("--bisection", action="store_true",
-                  help="evenly spaced probes (bisection with --probes 1), no interpolation")
-  ap.add_argument("--ascending", action="store_true",
-                  help="ask the kernel for ascending indices (the key-split merge's order)")
-  ap.add_argument("--tile", type=int, default=0)
-  ap.add_argument("--warps", type=int, default=0)
-  ap.add_argument("--streaming", action="store_true", help="re-read rows every pass")
-  ap.add_argument("--probes", type=int, default=0, help="thresholds counted per pass")
-  ap.add_argument("--shapes", default="", help="rows x keys list, e.g. 4096x32768,8x262144")
-  ap.add_argument("--compact", type=int, default=-1,
-                  help="candidate budget C for the scratch (0: off; default: the config's)")
+  ap.add_argument("--ascending", action="store_true", help="ascending indices (one sort)")
+  ap.add_argument("--ab", default="", help="another top-k module to time beside ours")
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   if not on_gpu and not args.smoke:
     print("bench_topk: no GPU. Use --smoke for an interpret-mode check on CPU.")
     return
-  if not on_gpu:
-    print("bench_topk --smoke on CPU: interpret mode, correctness only, no timings.")
   rows = topk_rows(args, on_gpu)
-  print(f"\ntop-k (k={K}, {args.dist}) on {common.card()}, jax {jax.__version__}; GB/s = logits "
-        f"read once / kernel time; floor = that read at the {common.COPY_CEILING_TBS} TB/s copy rate")
-  print("  *_ms: wall time of one call (host dispatch + launch included); *_dev_ms: device "
-        "time per call (difference of 5 and 1 calls in one jit); speedup_dev = xla_dev_ms / "
-        "pallas_dev_ms, the kernel-to-kernel ratio")
-  common.print_table(rows, ["rows", "keys", "k", "config", "pallas_ms", "pallas_dev_ms", "gbs",
-                            "floor_ms", "xla_ms", "xla_dev_ms", "speedup", "speedup_dev",
-                            "same_sets"])
+  print(f"\ntop-k (k={K}) on {common.card()}, jax {jax.__version__}; kernel_ms: kernels only, "
+        "L2 flushed (the peers' kineto method); dev_ms: device time per call (5-call jit minus "
+        "1-call jit); vs_peer = best peer / kernel_ms")
+  cols = ["shape", "levels", "mosaic_kernel_ms", "mosaic_dev_ms", "mosaic_wall_ms", "fi_ms",
+          "sgl_ms", "vs_peer", "gbs", "floor_ms", "xla_kernel_ms", "mosaic_same_sets"]
+  if args.ab:
+    name = args.ab.rsplit(".", 1)[-1]
+    cols += [f"{name}_kernel_ms", f"{name}_dev_ms", f"{name}_same_sets"]
+  common.print_table(rows, [c for c in cols if any(c in r for r in rows)])
   extra = {}
   if on_gpu and not args.no_prefill:
     split = prefill_split(args)
     common.print_table(split, list(split[0]))
     extra["prefill_split"] = split
   common.write_results("topk", rows, args.out, args.smoke, extra=extra)
-  if not all(r["same_sets"] for r in rows) and args.dist != "ties":
-    raise SystemExit("bench_topk: Pallas and lax.top_k chose different sets")
+  if not all(r["mosaic_same_sets"] for r in rows):
+    raise SystemExit("bench_topk: the kernel and lax.top_k chose different sets")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,32 @@ def time_per_call(make, *, r_small: int = 1, r_big: int = 5, iters: int = 15,
           (t[r_big] - t[r_small]) / (r_big - r_small))
 
 
+def kernel_ms_per_call(fn, args, *, calls: int = 10, flush_mb: int = 256) -> float | None:
+  """Kernel time per call in ms, as the peers are timed (``.anchors``' kineto figure): the sum
+  of the GPU kernels one call of ``fn(*args)`` launches, from the torch profiler (CUPTI sees
+  every kernel of the process, JAX's included), with L2 flushed before each call by a
+  ``flush_mb`` MB memset (excluded from the sum). None when torch is not installed.
+  """
+  try:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+  except ImportError:
+    return None
+  flush = torch.empty(flush_mb << 20, dtype=torch.uint8, device="cuda")
+  jax.block_until_ready(fn(*args))
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      flush.zero_()
+      torch.cuda.synchronize()
+      jax.block_until_ready(fn(*args))
+  total_us = 0.0
+  for e in prof.events():
+    if e.device_type == torch.autograd.DeviceType.CUDA and "at::native" not in e.name \
+        and "memset" not in e.name.lower() and "memcpy" not in e.name.lower():
+      total_us += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+  return total_us / calls / 1e3
+
+
 def measure_fp8_ceiling(n: int = 8192) -> float:
   """TFLOP/s of an n^3 fp8 e4m3 matmul with f32 accumulation through XLA, on this card."""
   key = jax.random.key(0)

@@ -67,6 +67,11 @@ def shl(a, n):
   return arith.shli(a, n if isinstance(n, ir.Value) else c(n, a.type))
 
 
+def sar(a, n):
+  """Arithmetic (sign-filling) shift right."""
+  return arith.shrsi(a, n if isinstance(n, ir.Value) else c(n, a.type))
+
+
 def shr(a, n):
   """Logical (unsigned) shift right."""
   return arith.shrui(a, n if isinstance(n, ir.Value) else c(n, a.type))
@@ -209,6 +214,13 @@ def red_shared_add(p, v, pred=None):
 def ld_global(p):
   """One 32-bit load from global memory (read-only path: the inputs are never written here)."""
   return mu.inline_ptx("ld.global.nc.b32 $0, [$1];", p, result_types=i32())
+
+
+def ld_global_if(p, pred):
+  """``*p`` where ``pred`` (an i1) holds, else an unspecified value; no access otherwise."""
+  return mu.inline_ptx(
+      "{ .reg .pred q; setp.ne.b32 q, $2, 0; mov.b32 $0, 0; @q ld.global.nc.b32 $0, [$1]; }",
+      p, as_i32(pred), result_types=i32())
 
 
 def ld_global_v4(p):

@@ -143,8 +143,8 @@ def _sortable(bits):
   mag = m.band(bits, m.c(0x7FFFFFFF))
   bits = m.select(m.ugt(mag, m.c(0x7F800000)), m.c(0xFF800000), bits)
   bits = m.select(m.eq(mag, m.c(0)), m.c(0), bits)
-  neg = m.ne(m.shr(bits, 31), m.c(0))
-  return m.select(neg, m.bnot(bits), m.bor(bits, m.c(0x80000000)))
+  # Negative: flip every bit; positive: set the sign bit.
+  return m.bxor(bits, m.bor(m.sar(bits, 31), m.c(0x80000000)))
 
 
 def _unsortable(key):
@@ -212,7 +212,9 @@ def _emit_segment(ks, ke, x, cidx, out_idx, out_val, keys, hist, misc, s_idx, r_
 def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
                  misc_p, oi_p, ov_p, out_slot, *, S, k, cfg, direct, vec_in):
   v_lo = m.shr(m.sub(lo, seg_lo), 2)                    # 4-key vectors, segment-local
-  v_hi = m.shr(m.add(m.sub(hi, seg_lo), m.c(3)), 2)
+  # An empty range must not visit the vector holding lo: lo may lie past this segment.
+  v_hi = m.select(m.sgt(hi, lo), m.shr(m.add(m.sub(hi, seg_lo), m.c(3)), 2), v_lo)
+  n = m.sub(hi, lo)
 
   def hist_at(buf, d):
     return m.gep(hist_p, m.add(m.c(buf * _HIST), d))
@@ -253,7 +255,7 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
       kv = []
       for e in range(4):
         pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
-        valid = m.land(p, m.land(m.sge(pos, lo), m.slt(pos, hi)))
+        valid = m.land(p, m.ult(m.sub(pos, lo), n))      # lo <= pos < hi
         if not direct:
           valid = m.land(valid, m.sge(cid[u][e], m.c(0)))
         key = m.select(valid, _sortable(raw[u][e]), m.c(0))
@@ -299,12 +301,13 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     res = [m.ld_shared(m.gep(misc_p, m.c(_RES + i))) for i in range(3)]
     return res + [total]
 
-  def tied_nidx(vc, e):
-    """~index of segment-local key (vc, e): the tie order (larger = lower index)."""
+  def tied_nidx(vc, e, need):
+    """~index of segment-local key (vc, e): the tie order (larger = lower index). Candidate
+    indices are read (from global memory) only where ``need`` holds."""
     if direct:
       return m.bnot(m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e))))
     pe = m.smin(m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e))), m.c(S - 1))
-    return m.bnot(m.ld_global(m.gep(ci_p, m.add(row64, m.to_i64(pe)))))
+    return m.bnot(m.ld_global_if(m.gep(ci_p, m.add(row64, m.to_i64(pe))), need))
 
   def digit_pass(state, on_idx, shift, bits, buf):
     M1, P1, M2, P2, krem, done = state
@@ -316,7 +319,7 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
           key = kv[e]
           match = m.land(p, m.land(m.ne(key, m.c(0)), m.eq(m.band(key, M1), P1)))
           if on_idx:
-            ni = tied_nidx(vc, e)
+            ni = tied_nidx(vc, e, match)
             match = m.land(match, m.eq(m.band(ni, M2), P2))
             val = ni
           else:
@@ -354,24 +357,34 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     buf = 1 - buf
   M1, P1, M2, P2, _, _ = state
 
-  def chosen(key, vc, e):
+  def chosen(key, vc, e, p, ties):
+    """Whether key (vc, e) is in the top-k; ``ties``: the index prefix (M2, P2) is in play
+    (else every key of the final bucket is chosen, and no index is needed)."""
     km = m.band(key, M1)
     above = m.ugt(km, P1)
-    at = m.eq(km, P1)
-    tie_ok = m.uge(m.band(tied_nidx(vc, e), M2), P2)
-    return m.land(m.ne(key, m.c(0)), m.lor(above, m.land(at, tie_ok)))
+    if not ties:
+      return m.land(p, m.land(m.ne(key, m.c(0)), m.uge(km, P1)))
+    at = m.land(p, m.land(m.ne(key, m.c(0)), m.eq(km, P1)))
+    tie_ok = m.uge(m.band(tied_nidx(vc, e, at), M2), P2)
+    return m.land(p, m.land(m.ne(key, m.c(0)), m.lor(above, m.land(at, tie_ok))))
+
+  def uniform(fn, carry):
+    """fn(ties) with the index prefix in play or not: one branch for the whole block."""
+    return m.if_else(m.eq(M2, m.c(0)), lambda: fn(False), lambda: fn(True),
+                     [v.type for v in carry])
 
   # 3. Write: count, one block-wide exclusive scan, then each thread's run of slots.
-  def count_body(vcs, ins, c):
-    (cnt,) = c
-    kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
-    for vc, p, kv in zip(vcs, ins, kvs):
-      for e in range(4):
-        sel = m.land(p, chosen(kv[e], vc, e))
-        cnt = m.add(cnt, m.as_i32(sel))
-    return [cnt]
+  def count(ties):
+    def body(vcs, ins, c):
+      (cnt,) = c
+      kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+      for vc, p, kv in zip(vcs, ins, kvs):
+        for e in range(4):
+          cnt = m.add(cnt, m.as_i32(chosen(kv[e], vc, e, p, ties)))
+      return [cnt]
+    return vec_loop(cfg.pass_unroll, [m.c(0)], body)
 
-  (mine,) = vec_loop(cfg.pass_unroll, [m.c(0)], count_body)
+  (mine,) = uniform(count, [m.c(0)])
   incl = mine
   for d in (1, 2, 4, 8, 16):
     y = m.shfl_up(incl, d)
@@ -385,24 +398,27 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     before = m.add(before, m.select(m.slt(m.c(w), warp), tw, m.c(0)))
   start = m.add(before, m.sub(incl, mine))
 
-  def write_body(vcs, ins, c):
-    (slot,) = c
-    kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
-    for vc, p, kv in zip(vcs, ins, kvs):
-      for e in range(4):
-        sel = m.land(p, m.land(chosen(kv[e], vc, e), m.slt(slot, m.c(k))))
-        pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
-        if direct:
-          idx = pos
-        else:
-          idx = m.ld_global(m.gep(ci_p, m.add(row64, m.to_i64(m.smin(pos, m.c(S - 1))))))
-        m.st_global(m.gep(oi_p, out_slot(slot)), idx, pred=sel)
-        if ov_p is not None:
-          m.st_global(m.gep(ov_p, out_slot(slot)), _unsortable(kv[e]), pred=sel)
-        slot = m.add(slot, m.as_i32(sel))
-    return [slot]
+  def write(ties):
+    def body(vcs, ins, c):
+      (slot,) = c
+      kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+      for vc, p, kv in zip(vcs, ins, kvs):
+        for e in range(4):
+          sel = m.land(chosen(kv[e], vc, e, p, ties), m.slt(slot, m.c(k)))
+          pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
+          if direct:
+            idx = pos
+          else:
+            idx = m.ld_global_if(
+                m.gep(ci_p, m.add(row64, m.to_i64(m.smin(pos, m.c(S - 1))))), sel)
+          m.st_global(m.gep(oi_p, out_slot(slot)), idx, pred=sel)
+          if ov_p is not None:
+            m.st_global(m.gep(ov_p, out_slot(slot)), _unsortable(kv[e]), pred=sel)
+          slot = m.add(slot, m.as_i32(sel))
+      return [slot]
+    return vec_loop(cfg.pass_unroll, [start], body)
 
-  vec_loop(cfg.pass_unroll, [start], write_body)
+  uniform(write, [start])
 
   def fill(j, _):
     m.st_global(m.gep(oi_p, out_slot(j)), m.c(-1))
@@ -538,7 +554,7 @@ def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool
       scratch_types=[plgpu.SMEM((seg,), jnp.int32), plgpu.SMEM((2 * _HIST,), jnp.int32),
                      plgpu.SMEM((_MISC + 8,), jnp.int32)],
       interpret=plgpu.InterpretGPUParams() if interpret else None,
-      kernel_name="nsa_radix_topk",
+      kernel_name="nsa_topk",
   )(*operands)
 
 
