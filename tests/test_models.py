@@ -369,18 +369,21 @@ def _interleaved_forward_np(module, cfg, x, qr, pos):
   return rope(q) @ h, rope(k) @ h, w
 
 
-def _run_glm_layer(module, backend, interpret, pre, ext, next_n, seed):
-  """Prompt prefill, extend prefill, one decode step; returns the host-side pieces the
-  oracles need."""
+def _run_glm_layer(module, backend, interpret, pre, ext, next_n, seed, prompt_backend=None):
+  """Prompt prefill (on ``prompt_backend``, default ``backend``: it only fills the cache, with
+  keys that do not depend on the backend), extend prefill, one decode step; returns the
+  host-side pieces the oracles need."""
   cfg = module.config
   rng = np.random.default_rng(seed)
   steps = IndexerSteps(module, backend=backend, interpret=interpret)
+  prompt_steps = steps if prompt_backend is None else IndexerSteps(module, backend=prompt_backend)
   tables, P = allocate_block_tables([p + e + next_n for p, e in zip(pre, ext)], seed=seed)
   cache = nsa_jax.IndexKCache.create(P, cfg.head_dim)
   ladder = dict(token_buckets=range(128, 16385, 128), key_buckets=range(128, 16385, 128))
   b0 = nsa_jax.build_ragged_batch(pre, [0] * len(pre), **ladder)
-  _, cache = steps.prefill(bf16(rng, b0.T_pad, cfg.dim), bf16(rng, b0.T_pad, cfg.q_lora_rank),
-                           prefill_inputs(b0, tables), cache)
+  _, cache = prompt_steps.prefill(bf16(rng, b0.T_pad, cfg.dim),
+                                  bf16(rng, b0.T_pad, cfg.q_lora_rank),
+                                  prefill_inputs(b0, tables), cache)
   b1 = nsa_jax.build_ragged_batch(ext, pre, **ladder)
   inp = prefill_inputs(b1, tables)
   x1, q1 = bf16(rng, b1.T_pad, cfg.dim), bf16(rng, b1.T_pad, cfg.q_lora_rank)
@@ -464,10 +467,12 @@ def test_glm5_layer_forward_matches_float64_oracle(tmp_path):
 def test_glm5_layer_prefill_decode_cpu(tmp_path, backend, interpret, topk, pre, ext):
   """A GLM-5-shaped layer (config.json: hidden 6144, H 32, interleaved rope) with top-512 /
   top-1024: prefill onto cached prefixes and a decode step, on the xla backend and the Pallas
-  kernels in interpret mode, each against float64 logits of its own fp8 inputs."""
+  kernels in interpret mode (whose prompt prefill runs on xla: interpret mode is slow), each
+  against float64 logits of its own fp8 inputs."""
   next_n = 2 if interpret else 1
   m = _glm_module(tmp_path, topk)
-  run = _run_glm_layer(m, backend, interpret, pre, ext, next_n, seed=7)
+  run = _run_glm_layer(m, backend, interpret, pre, ext, next_n, seed=7,
+                       prompt_backend="xla" if interpret else None)
   exact = _check_glm_layer(m, run, next_n)
   # Rows with more than k keys exist, so the top-k really cut.
   assert ((run["batch"].ke - run["batch"].ks)[:run["batch"].num_tokens] > topk).any()
