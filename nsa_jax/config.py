@@ -245,12 +245,11 @@ def read_hf_config(config, fn: str = "read_hf_config") -> dict:
 
 def _rope_fields(config: Mapping, max_pos: int, glm: bool, fn: str) -> dict:
   """rope_theta and the YaRN fields, from whichever of the three layouts the config uses:
-  transformers v5's ``rope_parameters`` (theta inside), v4's ``rope_theta`` + ``rope_scaling``,
-  or DeepSeek's inference config (``rope_factor``, ``original_seq_len``)."""
+  transformers v5's ``rope_parameters`` (theta inside; preferred when both are present, as
+  transformers 5 does), v4's ``rope_theta`` + ``rope_scaling``, or DeepSeek's inference
+  config (``rope_factor``, ``original_seq_len``)."""
   params = config.get("rope_parameters") or {}
   scaling = config.get("rope_scaling") or {}
-  if params and scaling:
-    raise ValueError(f"{fn}: config has both rope_parameters and rope_scaling; expected one")
   rope = params or scaling
   theta = rope.get("rope_theta", config.get("rope_theta"))
   if theta is None:

@@ -77,6 +77,8 @@ class IndexShareSteps:
         raise ValueError(f"{fn}: layer {layer} reuses layer {src}'s indices; pass them as "
                          f"reuse= (x and qr are not read)")
       return reuse, caches
+    if reuse is not None:
+      raise ValueError(f"{fn}: layer {layer} computes its own indices; reuse must be None")
     if layer not in caches:
       raise ValueError(f"{fn}: caches has no K cache for computing layer {layer} (keys: "
                        f"{sorted(caches)}); make them with create_caches()")

@@ -230,6 +230,8 @@ def test_index_share_steps_run_only_the_computing_layers():
   idx1, caches = share.prefill(1, *acts[1], inp, caches)
   same, caches2 = share.prefill(3, None, None, inp, caches, reuse=idx1)
   assert same is idx1 and caches2 is caches
+  with pytest.raises(ValueError, match="layer 1 computes its own indices; reuse must be None"):
+    share.prefill(1, *acts[1], inp, caches, reuse=idx1)
   with pytest.raises(ValueError, match="layer 3 reuses layer 1's indices; pass them as reuse="):
     share.prefill(3, None, None, inp, caches)
   with pytest.raises(ValueError, match=r"layer must be an int in \[0, 7\)"):
