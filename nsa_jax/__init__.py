@@ -1,8 +1,9 @@
-"""nsa_jax: DeepSeek-V3.2's lightning indexer (sglang's NSA indexer) in JAX.
+"""nsa_jax: DeepSeek-V3.2's lightning indexer (sglang's NSA / DSA indexer) in JAX.
 
-Public API: :func:`act_quant`, :func:`mqa_logits`, :func:`paged_mqa_logits`,
-:func:`topk_indices`, :class:`IndexKCache`; the math pieces :func:`apply_rope`,
-:func:`hadamard_rotate`; and :func:`checking` for opt-in value checks.
+Also serves the GLM-5 family's indexer (docs/models.md). Public API: :func:`act_quant`,
+:func:`mqa_logits`, :func:`paged_mqa_logits`, :func:`topk_indices`, :class:`IndexKCache`; the
+math pieces :func:`apply_rope`, :func:`hadamard_rotate`; and :func:`checking` for opt-in value
+checks.
 """
 
 from nsa_jax.cache import IndexKCache
@@ -17,9 +18,11 @@ from nsa_jax.planner import ChunkPlan, plan_chunks
 from nsa_jax.prefill import prefill_topk
 from nsa_jax.sharding import make_mesh, prime_mesh
 from nsa_jax.topk_slots import paged_topk_slots
-from nsa_jax.indexer import (Indexer, IndexerConfig, IndexerSteps, allocate_block_tables,
-                             decode_inputs, prefill_inputs)
-from nsa_jax.weights import load_indexer, load_indexer_params
+from nsa_jax.config import IndexerConfig, index_sources, indexer_layer_types
+from nsa_jax.indexer import (Indexer, IndexerSteps, allocate_block_tables, decode_inputs,
+                             prefill_inputs)
+from nsa_jax.index_share import IndexShareSteps
+from nsa_jax.weights import load_indexer, load_indexer_params, load_indexers
 
 __version__ = "0.1.0"
 
@@ -28,4 +31,5 @@ __all__ = ["IndexKCache", "RopeConfig", "act_quant", "apply_rope", "checking", "
            "budget", "ChunkPlan", "RaggedBatch", "build_ragged_batch", "make_mesh",
            "plan_chunks", "prefill_topk", "prime_mesh", "paged_topk_slots",
            "Indexer", "IndexerConfig", "IndexerSteps", "allocate_block_tables", "decode_inputs",
-           "load_indexer", "load_indexer_params", "prefill_inputs"]
+           "load_indexer", "load_indexer_params", "prefill_inputs", "IndexShareSteps",
+           "index_sources", "indexer_layer_types", "load_indexers"]

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import nsa_jax
+from nsa_jax.config import MODELS
 from nsa_jax.indexer import (Indexer, IndexerConfig, IndexerSteps, allocate_block_tables,
                              decode_inputs, prefill_inputs)
 from nsa_jax.reference import PAGE_SIZE
@@ -162,12 +163,15 @@ def demo(args, log=print) -> dict:
     cfg = module.config
     source = f"checkpoint {args.checkpoint}, layer {args.layer}"
   else:
-    cfg = SMALL_CONFIG if args.small else IndexerConfig()
+    cfg = IndexerConfig.for_model(args.model)
+    if args.small:  # the model's heads, SMALL_CONFIG's narrow projections and top-k
+      cfg = cfg.replace(dim=SMALL_CONFIG.dim, q_lora_rank=SMALL_CONFIG.q_lora_rank,
+                        topk=SMALL_CONFIG.topk)
     if args.topk:
       cfg = cfg.replace(topk=args.topk)
     from flax import nnx
     module = Indexer(cfg, rngs=nnx.Rngs(args.seed))
-    source = "random weights" + (" (--small)" if args.small else " (DeepSeek-V3.2 shapes)")
+    source = f"random weights ({args.model} shapes{', --small' if args.small else ''})"
   rng = np.random.default_rng(args.seed)
   prefix, ext = _ints(args.prefix, "prefix"), _ints(args.extend, "extend")
   if len(prefix) != len(ext):
@@ -179,7 +183,8 @@ def demo(args, log=print) -> dict:
       f" | backend={args.backend}: {_kernel_note(args.backend)}")
   log(f"indexer layer: {source}: dim {cfg.dim}, q_lora_rank {cfg.q_lora_rank}, H {cfg.n_heads},"
       f" D {cfg.head_dim}, top-{cfg.topk}, scale_fmt {cfg.scale_fmt}, hadamard "
-      f"{cfg.use_hadamard}, rope YaRN x{cfg.rope_factor:g}")
+      f"{cfg.use_hadamard}, rope {'interleaved' if cfg.rope_interleave else 'NeoX'} "
+      f"theta {cfg.rope_theta:g} YaRN x{cfg.rope_factor:g}")
   steps = IndexerSteps(module, backend=args.backend, budget_bytes=args.budget_bytes)
   log(f"memory budget for prefill logits: {_fmt_bytes(steps.budget_bytes)} "
       f"({'from --budget-bytes' if args.budget_bytes else 'measured once on ' + str(jax.devices()[0]) + ' and cached'}"
@@ -270,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--checkpoint", default=None,
                  help="DeepSeek-V3.2 checkpoint dir (config.json + safetensors shards)")
   d.add_argument("--layer", type=int, default=0, help="decoder layer to load with --checkpoint")
+  d.add_argument("--model", default="deepseek-v3.2", choices=sorted(MODELS),
+                 help="whose indexer shapes the random weights take (default: deepseek-v3.2; "
+                      "--checkpoint reads its own config.json instead)")
   d.add_argument("--small", action="store_true",
                  help="a narrow layer (dim 512, q_lora_rank 256, top-256) for quick runs and CI")
   d.add_argument("--seed", type=int, default=0)

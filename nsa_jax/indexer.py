@@ -1,10 +1,11 @@
-"""DeepSeek-V3.2's lightning indexer as a Flax NNX layer: projections, rope, fp8, paged cache, top-k.
+"""The lightning indexer as a Flax NNX layer: projections, rope, fp8, paged cache, top-k.
 
 One layer, as DeepSeek-V3.2's ``inference/model.py`` ``Indexer`` (shared/spec/indexer.md,
-"Forward"):
+"Forward"); GLM-5's is the same layer with other sizes and interleaved rope (docs/models.md).
+Its :class:`~nsa_jax.config.IndexerConfig` lives in ``nsa_jax.config``.
 
     q = wq_b(qr).reshape(T, H, D)             k = LayerNorm(wk(x))            (f32 norm, eps 1e-6)
-    q, k = rope(q, k)                         NeoX on the first 64 dims, YaRN frequencies
+    q, k = rope(q, k)                         first 64 dims: NeoX (V3.2) or interleaved (GLM-5)
     q, k = hadamard(q), hadamard(k)           optional; exact logits are unchanged
     q_fp8, q_scale = act_quant(q)             k_fp8, k_scale = act_quant(k)   -> K into the cache
     w = weights_proj(x).f32 * H**-0.5 * q_scale * D**-0.5
@@ -32,9 +33,7 @@ Output formats (``output=``), all int32 [rows, topk], -1 padded:
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,161 +43,18 @@ from flax import nnx
 from nsa_jax import budget as _budget
 from nsa_jax import ops
 from nsa_jax.cache import IndexKCache, table_slots
+from nsa_jax.config import IndexerConfig
 from nsa_jax.hadamard import hadamard_rotate
 from nsa_jax.prefill import prefill_topk
-from nsa_jax.quant import SCALE_FORMATS, act_quant
+from nsa_jax.quant import act_quant
 from nsa_jax.reference import PAGE_SIZE
-from nsa_jax.rope import RopeConfig, apply_rope
+from nsa_jax.rope import apply_rope
 from nsa_jax.topk_slots import decode_key_range, paged_topk_slots
 from nsa_jax.validation import expect
 
 OUTPUTS = ("slots", "positions", "keys")
 _I32 = jnp.int32
 _F32 = jnp.float32
-
-
-# --------------------------------------------------------------------------- config
-
-@dataclasses.dataclass(frozen=True)
-class IndexerConfig:
-  """Shapes and numerics of one indexer layer; the defaults are DeepSeek-V3.2's (671B).
-
-  Attributes:
-    dim: hidden size (input width of ``wk`` and ``weights_proj``).
-    q_lora_rank: input width of ``wq_b`` (the MLA query's low-rank activations).
-    n_heads, head_dim: index heads H and their dim D (a power of two: Hadamard, one fp8
-      block per head).
-    topk: keys kept per query (``index_topk``).
-    rope_head_dim: rotated features at the start of each head (NeoX, half-split).
-    rope_theta, rope_factor, original_max_position, beta_fast, beta_slow, max_position:
-      YaRN rope; ``rope_factor`` 1 means plain rope.
-    scale_fmt: fp8 scale format of ``act_quant``: None or "ue8m0" (power-of-two scales).
-    use_hadamard: rotate q and k before quantizing (V3.2 does).
-    dtype: activation and ``wq_b``/``wk`` dtype name ("bfloat16" as V3.2 runs; "float32").
-    norm_eps: LayerNorm epsilon of ``k_norm``.
-  """
-
-  dim: int = 7168
-  q_lora_rank: int = 1536
-  n_heads: int = 64
-  head_dim: int = 128
-  topk: int = 2048
-  rope_head_dim: int = 64
-  rope_theta: float = 10000.0
-  rope_factor: float = 40.0
-  original_max_position: int = 4096
-  beta_fast: float = 32.0
-  beta_slow: float = 1.0
-  max_position: int = 163840
-  scale_fmt: str | None = "ue8m0"
-  use_hadamard: bool = True
-  dtype: str = "bfloat16"
-  norm_eps: float = 1e-6
-
-  def __post_init__(self):
-    fn = "IndexerConfig"
-    for name in ("dim", "q_lora_rank", "n_heads", "head_dim", "topk", "rope_head_dim",
-                 "original_max_position", "max_position"):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
-    D = self.head_dim
-    if D & (D - 1):
-      raise ValueError(f"{fn}: head_dim must be a power of two (Hadamard rotation, one fp8 "
-                       f"block per head), got {D}")
-    if self.rope_head_dim > D or self.rope_head_dim % 2:
-      raise ValueError(f"{fn}: rope_head_dim must be even and <= head_dim={D}, got "
-                       f"{self.rope_head_dim}")
-    if self.scale_fmt not in SCALE_FORMATS:
-      raise ValueError(f"{fn}: scale_fmt must be one of {SCALE_FORMATS}, got {self.scale_fmt!r}")
-    if self.dtype not in ("bfloat16", "float32"):
-      raise ValueError(f"{fn}: dtype must be 'bfloat16' or 'float32', got {self.dtype!r}")
-
-  @property
-  def rope(self) -> RopeConfig:
-    return RopeConfig(rope_dim=self.rope_head_dim, theta=float(self.rope_theta),
-                      factor=float(self.rope_factor),
-                      original_max_position=self.original_max_position,
-                      beta_fast=float(self.beta_fast), beta_slow=float(self.beta_slow),
-                      max_position=self.max_position)
-
-  @property
-  def act_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  def replace(self, **changes) -> "IndexerConfig":
-    return dataclasses.replace(self, **changes)
-
-  @classmethod
-  def from_hf_config(cls, config: Mapping[str, Any] | str | os.PathLike,
-                     **overrides) -> "IndexerConfig":
-    """Builds the config from a DeepSeek-V3.2 HF ``config.json`` (a dict, the file, or its dir).
-
-    Reads ``hidden_size``, ``q_lora_rank``, ``index_n_heads``, ``index_head_dim``,
-    ``index_topk``, ``qk_rope_head_dim``, ``rope_theta``, ``rope_scaling`` (YaRN ``factor``,
-    ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``; ``mscale`` only scales
-    MLA's softmax, not the indexer), ``max_position_embeddings`` and ``scale_fmt`` (top level
-    or in ``quantization_config``). DeepSeek's inference-repo names (``dim``, ``rope_factor``,
-    ``original_seq_len``, ``max_seq_len``) are accepted too. ``overrides`` replace fields.
-    """
-    fn = "IndexerConfig.from_hf_config"
-    if isinstance(config, (str, os.PathLike)):
-      path = os.fspath(config)
-      if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-      with open(path) as f:
-        config = json.load(f)
-    if not isinstance(config, Mapping):
-      raise ValueError(f"{fn}: config must be a dict or a path to config.json, got "
-                       f"{type(config).__name__}")
-
-    def pick(*names, default=None, required=False):
-      for n in names:
-        if config.get(n) is not None:
-          return config[n]
-      if required:
-        missing.append("/".join(names))
-      return default
-
-    missing: list[str] = []
-    fields = dict(
-        dim=pick("hidden_size", "dim", required=True),
-        q_lora_rank=pick("q_lora_rank", required=True),
-        n_heads=pick("index_n_heads", required=True),
-        head_dim=pick("index_head_dim", required=True),
-        topk=pick("index_topk", required=True),
-        rope_head_dim=pick("qk_rope_head_dim", "rope_head_dim", default=64),
-        rope_theta=pick("rope_theta", default=10000.0),
-    )
-    if missing:
-      raise ValueError(f"{fn}: config lacks the indexer fields {missing} (is this a "
-                       f"DeepSeek-V3.2 config?); got keys {sorted(config)}")
-    scaling = config.get("rope_scaling") or {}
-    max_pos = pick("max_position_embeddings", "max_seq_len", default=163840)
-    if scaling:
-      kind = scaling.get("type", scaling.get("rope_type", "yarn"))
-      if kind != "yarn":
-        raise ValueError(f"{fn}: rope_scaling.type must be 'yarn' (or absent), got {kind!r}")
-      fields.update(rope_factor=scaling.get("factor", 1.0),
-                    original_max_position=scaling.get("original_max_position_embeddings",
-                                                      max_pos),
-                    beta_fast=scaling.get("beta_fast", 32.0),
-                    beta_slow=scaling.get("beta_slow", 1.0))
-    elif "rope_factor" in config:  # DeepSeek's inference config
-      fields.update(rope_factor=config["rope_factor"],
-                    original_max_position=pick("original_seq_len", default=4096),
-                    beta_fast=pick("beta_fast", default=32.0),
-                    beta_slow=pick("beta_slow", default=1.0))
-    else:
-      fields.update(rope_factor=1.0, original_max_position=max_pos)
-    fields["max_position"] = max_pos
-    quant = config.get("quantization_config") or {}
-    fields["scale_fmt"] = config.get("scale_fmt", quant.get("scale_fmt"))
-    for name in ("dim", "q_lora_rank", "n_heads", "head_dim", "topk", "rope_head_dim",
-                 "original_max_position", "max_position"):
-      fields[name] = int(fields[name])
-    fields.update(overrides)
-    return cls(**fields)
 
 
 # --------------------------------------------------------------------------- host-side inputs
@@ -375,7 +231,7 @@ def allocate_block_tables(capacities, *, seed: int | None = None, extra_pages: i
 # --------------------------------------------------------------------------- the layer
 
 class Indexer(nnx.Module):
-  """DeepSeek-V3.2's lightning indexer (one layer) as an NNX module.
+  """The lightning indexer (one layer, any supported model: docs/models.md) as an NNX module.
 
   Parameters (torch names in the checkpoint; ``nnx.Linear`` kernels are [in, out]):
     wq_b: Linear(q_lora_rank -> H * D), no bias, ``config.dtype``.

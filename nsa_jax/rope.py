@@ -1,4 +1,10 @@
-"""NeoX-style (half-split) rotary embedding with DeepSeek's YaRN frequency correction."""
+"""Rotary embedding with DeepSeek's YaRN frequency correction, NeoX (half-split) or interleaved.
+
+The two layouts pair different features of the first ``rope_dim`` ones: NeoX rotates
+(x[i], x[i + rope_dim/2]) by frequency i (DeepSeek-V3.2's indexer), interleaved (GPT-J) rotates
+(x[2i], x[2i + 1]) (the GLM-5 family's indexer, ``indexer_rope_interleave: true`` in its config).
+Both use the same frequencies; only which features form a pair differs.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,10 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-  """Rotary settings; the defaults are DeepSeek-V3.2's (64 rope dims, YaRN factor 40)."""
+  """Rotary settings; the defaults are DeepSeek-V3.2's (64 rope dims, YaRN factor 40, NeoX).
+
+  ``interleave``: pair features (2i, 2i + 1) (GPT-J) instead of (i, i + rope_dim / 2) (NeoX).
+  """
 
   rope_dim: int = 64
   theta: float = 10000.0
@@ -21,6 +30,7 @@ class RopeConfig:
   beta_fast: float = 32.0
   beta_slow: float = 1.0
   max_position: int = 163840
+  interleave: bool = False
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -48,7 +58,7 @@ def inv_frequencies(cfg: RopeConfig) -> np.ndarray:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig = RopeConfig()) -> jax.Array:
-  """Rotates the first ``cfg.rope_dim`` features of x, NeoX (half-split) style.
+  """Rotates the first ``cfg.rope_dim`` features of x, NeoX or interleaved (``cfg.interleave``).
 
   Args:
     x: float [T, ..., D] with D >= rope_dim; the leading axis matches ``positions``.
@@ -63,6 +73,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig = RopeConfig(
   ang = ang.reshape(ang.shape[:1] + (1,) * (x.ndim - 2) + ang.shape[1:])
   cos, sin = jnp.cos(ang), jnp.sin(ang)
   xr = x[..., :r].astype(jnp.float32)
-  x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
-  rot = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  if cfg.interleave:
+    pairs = xr.reshape(*xr.shape[:-1], r // 2, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    rot = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(xr.shape)
+  else:
+    x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+    rot = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
   return jnp.concatenate([rot.astype(x.dtype), x[..., r:]], axis=-1)

@@ -1,6 +1,7 @@
-"""Loading one indexer layer from DeepSeek-V3.2 safetensors shards (and writing tiny ones).
+"""Loading indexer layers from DeepSeek-V3.2 / GLM-5 safetensors shards (and writing tiny ones).
 
-Tensor names (HF checkpoint, torch ``[out, in]`` Linear weights):
+Tensor names (HF checkpoint, torch ``[out, in]`` Linear weights), the same in DeepSeek-V3.2 and
+the GLM-5 family (``glm_moe_dsa``; H = 32 there):
 
     model.layers.{i}.self_attn.indexer.wq_b.weight             [H * D, q_lora_rank]  fp8 or bf16
     model.layers.{i}.self_attn.indexer.wq_b.weight_scale_inv   [ceil(out/128), ceil(in/128)] f32
@@ -11,7 +12,14 @@ Tensor names (HF checkpoint, torch ``[out, in]`` Linear weights):
     model.layers.{i}.self_attn.indexer.weights_proj.weight     [H, dim]              bf16
 
 An fp8 weight is de-quantized block by block, ``w = fp8 * weight_scale_inv`` over 128 x 128
-blocks (DeepSeek's ``weight_dequant``), then rounded to the layer's dtype.
+blocks (DeepSeek's ``weight_dequant``; ``quantization_config.weight_block_size`` when the
+config.json names another), then rounded to the layer's dtype. The released checkpoints:
+V3.2 and GLM-5-FP8 store ``wq_b`` / ``wk`` in fp8 and ``weights_proj`` in bf16 (no scales);
+GLM-5's bf16 release stores all four in bf16. Any float dtype is accepted for every tensor.
+
+GLM-5.2's IndexShare layers (``indexer_types`` "shared") have no indexer tensors at all:
+:func:`load_indexer` says so for such a layer, and :func:`load_indexers` loads just the
+layers that compute.
 
 safetensors' own numpy loader has no fp8 dtype (numpy lacks one), so the few tensors needed
 are read here straight from the file format (an 8-byte header length, a JSON header, raw
@@ -25,13 +33,14 @@ import glob
 import json
 import os
 import struct
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from nsa_jax.config import index_sources, read_hf_config
 from nsa_jax.indexer import Indexer, IndexerConfig
 
 HF_PREFIX = "model.layers.{layer}.self_attn.indexer."
@@ -130,25 +139,33 @@ class _Checkpoint:
 
 # --------------------------------------------------------------------------- de-quantization
 
-def dequant_weight(w: np.ndarray, scale_inv: np.ndarray, block: int = WEIGHT_BLOCK) -> np.ndarray:
+def _block_pair(block) -> tuple[int, int]:
+  bo, bi = (block, block) if isinstance(block, (int, np.integer)) else tuple(block)
+  return int(bo), int(bi)
+
+
+def dequant_weight(w: np.ndarray, scale_inv: np.ndarray, block=WEIGHT_BLOCK) -> np.ndarray:
   """float32 [out, in] from an fp8 weight [out, in] and its block scales
-  [ceil(out / block), ceil(in / block)] (``w * scale`` per block, DeepSeek's weight_dequant)."""
+  [ceil(out / bo), ceil(in / bi)] (``w * scale`` per block, DeepSeek's weight_dequant).
+  ``block``: bo = bi, or the pair (bo, bi) (``weight_block_size``)."""
+  bo, bi = _block_pair(block)
   out_f, in_f = w.shape
-  s = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:out_f, :in_f]
+  s = np.repeat(np.repeat(scale_inv.astype(np.float32), bo, 0), bi, 1)[:out_f, :in_f]
   return w.astype(np.float32) * s
 
 
-def quant_weight(w: np.ndarray, block: int = WEIGHT_BLOCK):
+def quant_weight(w: np.ndarray, block=WEIGHT_BLOCK):
   """Inverse of :func:`dequant_weight` for writing test checkpoints: (fp8 e4m3 [out, in],
-  float32 scales [ceil(out / block), ceil(in / block)]), scale = block amax / 448."""
+  float32 scales [ceil(out / bo), ceil(in / bi)]), scale = block amax / 448."""
+  bo, bi = _block_pair(block)
   w = np.asarray(w, np.float32)
   out_f, in_f = w.shape
-  nb_o, nb_i = -(-out_f // block), -(-in_f // block)
-  pad = np.zeros((nb_o * block, nb_i * block), np.float32)
+  nb_o, nb_i = -(-out_f // bo), -(-in_f // bi)
+  pad = np.zeros((nb_o * bo, nb_i * bi), np.float32)
   pad[:out_f, :in_f] = w
-  amax = np.abs(pad.reshape(nb_o, block, nb_i, block)).max(axis=(1, 3))
+  amax = np.abs(pad.reshape(nb_o, bo, nb_i, bi)).max(axis=(1, 3))
   scale = np.maximum(amax, 1e-4) / 448.0
-  q = (w / np.repeat(np.repeat(scale, block, 0), block, 1)[:out_f, :in_f])
+  q = (w / np.repeat(np.repeat(scale, bo, 0), bi, 1)[:out_f, :in_f])
   return np.clip(q, -448, 448).astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)
 
 
@@ -161,7 +178,7 @@ def _expected(config: IndexerConfig) -> dict[str, tuple[int, ...]]:
 
 
 def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
-                        prefix: str | None = None) -> dict:
+                        prefix: str | None = None, weight_block=WEIGHT_BLOCK) -> dict:
   """Reads one layer's indexer weights into the nested dict of ``nnx.state(Indexer)``.
 
   Args:
@@ -171,6 +188,7 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
     config: the :class:`IndexerConfig` the shapes are checked against.
     prefix: tensor name prefix with ``{layer}``; default
       ``"model.layers.{layer}.self_attn.indexer."``.
+    weight_block: the fp8 weights' scale block, an int or (out, in) (``weight_block_size``).
 
   Returns:
     ``{"wq_b": {"kernel": [q_lora_rank, H*D]}, "wk": {"kernel": [dim, D]},
@@ -187,6 +205,9 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
     raise ValueError(f"{fn}: layer must be an int >= 0, got {layer!r}")
   if not isinstance(config, IndexerConfig):
     raise ValueError(f"{fn}: config must be an IndexerConfig, got {type(config).__name__}")
+  bo, bi = _block_pair(weight_block)
+  if bo < 1 or bi < 1:
+    raise ValueError(f"{fn}: weight_block must be >= 1, got {weight_block!r}")
   ckpt = _Checkpoint(checkpoint)
   pre = (prefix or HF_PREFIX).format(layer=layer)
   missing, wrong, tensors = [], [], {}
@@ -217,11 +238,11 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
         wrong.append(f"{name}: fp8 is only supported for 2-D weights, got {list(t.shape)}")
         continue
       sname = name[: -len("weight")] + "weight_scale_inv"
-      sshape = tuple(-(-d // WEIGHT_BLOCK) for d in shape)
+      sshape = (-(-shape[0] // bo), -(-shape[1] // bi))
       s = fetch(sname, sshape, f" (the scales of fp8 {name})")
       if s is None:
         continue
-      t = dequant_weight(t, s)
+      t = dequant_weight(t, s, (bo, bi))
     tensors[short] = t
   if missing or wrong:
     lines = [f"{fn}: checkpoint {ckpt.path!r}, layer {layer}, does not match {config}:"]
@@ -241,26 +262,19 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
   }
 
 
-def load_indexer(checkpoint, layer: int, config: IndexerConfig | None = None, *,
-                 prefix: str | None = None, **overrides) -> Indexer:
-  """An :class:`Indexer` with layer ``layer``'s weights.
+def _checkpoint_config(checkpoint, fn: str) -> dict:
+  if not os.path.isdir(os.fspath(checkpoint)):
+    raise ValueError(f"{fn}: config is required when checkpoint is not a directory with "
+                     f"config.json, got {checkpoint!r}")
+  return read_hf_config(checkpoint, fn)
 
-  Args:
-    checkpoint: a checkpoint directory (its ``config.json`` gives the config when ``config``
-      is None) or one .safetensors file (then ``config`` is required).
-    layer: decoder layer index.
-    config: the layer's config, or None to read ``config.json``.
-    prefix: as for :func:`load_indexer_params`.
-    overrides: IndexerConfig fields replacing those of ``config.json`` (e.g. ``topk=``).
-  """
-  if config is None:
-    if not os.path.isdir(os.fspath(checkpoint)):
-      raise ValueError(f"load_indexer: config is required when checkpoint is not a directory "
-                       f"with config.json, got {checkpoint!r}")
-    config = IndexerConfig.from_hf_config(checkpoint, **overrides)
-  elif overrides:
-    config = config.replace(**overrides)
-  params = load_indexer_params(checkpoint, layer, config, prefix=prefix)
+
+def _weight_block(hf: Mapping | None):
+  block = ((hf or {}).get("quantization_config") or {}).get("weight_block_size")
+  return tuple(block) if block else WEIGHT_BLOCK
+
+
+def _build(config: IndexerConfig, params: dict) -> Indexer:
   # eval_shape: no random initialization of weights that are overwritten right away.
   module = nnx.eval_shape(lambda: Indexer(config, rngs=nnx.Rngs(0)))
   state = nnx.state(module)
@@ -270,15 +284,83 @@ def load_indexer(checkpoint, layer: int, config: IndexerConfig | None = None, *,
   return module
 
 
+def load_indexer(checkpoint, layer: int, config: IndexerConfig | None = None, *,
+                 prefix: str | None = None, **overrides) -> Indexer:
+  """An :class:`Indexer` with layer ``layer``'s weights.
+
+  Args:
+    checkpoint: a checkpoint directory (its ``config.json`` gives the config when ``config``
+      is None) or one .safetensors file (then ``config`` is required).
+    layer: decoder layer index. With config.json, a GLM-5.2 IndexShare layer (one that reuses
+      an earlier layer's indices and so has no indexer weights) is refused by name.
+    config: the layer's config, or None to read ``config.json``.
+    prefix: as for :func:`load_indexer_params`.
+    overrides: IndexerConfig fields replacing those of ``config.json`` (e.g. ``topk=``).
+  """
+  fn = "load_indexer"
+  hf = None
+  if config is None:
+    hf = _checkpoint_config(checkpoint, fn)
+    config = IndexerConfig.from_hf_config(hf, **overrides)
+    layers = hf.get("num_hidden_layers")
+    if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 and layers:
+      src = index_sources(hf, max(int(layers), layer + 1))[layer]
+      if src != layer:
+        raise ValueError(f"{fn}: layer {layer} has no indexer weights: its config.json "
+                         f"(IndexShare) has it reuse layer {src}'s indices; load layer {src}, "
+                         f"or use load_indexers() for every computing layer")
+  elif overrides:
+    config = config.replace(**overrides)
+  if hf is None and os.path.isdir(os.fspath(checkpoint)) and os.path.isfile(
+      os.path.join(os.fspath(checkpoint), "config.json")):
+    hf = read_hf_config(checkpoint, fn)
+  params = load_indexer_params(checkpoint, layer, config, prefix=prefix,
+                               weight_block=_weight_block(hf))
+  return _build(config, params)
+
+
+def load_indexers(checkpoint, layers: Sequence[int] | None = None, *,
+                  prefix: str | None = None, **overrides) -> tuple[tuple[int, ...],
+                                                                   dict[int, Indexer]]:
+  """The indexer layers of a whole checkpoint that compute indices (IndexShare-aware).
+
+  Args:
+    checkpoint: a checkpoint directory with ``config.json`` (its ``num_hidden_layers`` and
+      IndexShare fields give the layer schedule, see ``nsa_jax.index_sources``).
+    layers: the layers wanted (default all); the computing layers among them are loaded.
+    prefix: as for :func:`load_indexer_params`.
+    overrides: IndexerConfig fields replacing those of ``config.json``.
+
+  Returns:
+    ``(sources, {layer: Indexer})``: ``sources`` per model layer (``index_sources``), and
+    one Indexer per computing layer among ``layers``; ready for
+    ``nsa_jax.IndexShareSteps(indexers, sources)`` when every layer is loaded.
+  """
+  fn = "load_indexers"
+  hf = _checkpoint_config(checkpoint, fn)
+  config = IndexerConfig.from_hf_config(hf, **overrides)
+  sources = index_sources(hf)
+  wanted = range(len(sources)) if layers is None else layers
+  bad = [i for i in wanted if isinstance(i, bool) or not isinstance(i, int)
+         or not 0 <= i < len(sources)]
+  if bad:
+    raise ValueError(f"{fn}: layers must be ints in [0, {len(sources)}), got {bad[:8]}")
+  block = _weight_block(hf)
+  return sources, {i: _build(config, load_indexer_params(checkpoint, i, config, prefix=prefix,
+                                                          weight_block=block))
+                   for i in sorted(set(wanted)) if sources[i] == i}
+
+
 # --------------------------------------------------------------------------- writing
 
 def indexer_tensors(indexer: Indexer, layer: int, *, fp8: bool = False,
-                    prefix: str | None = None) -> dict[str, np.ndarray]:
-  """The layer's weights under DeepSeek-V3.2's tensor names (numpy, torch [out, in] layout).
+                    prefix: str | None = None, weight_block=WEIGHT_BLOCK,
+                    norm_dtype=np.float32) -> dict[str, np.ndarray]:
+  """The layer's weights under the checkpoints' tensor names (numpy, torch [out, in] layout).
 
-  With ``fp8``, ``wq_b`` and ``wk`` are quantized to e4m3 with 128 x 128 block scales
-  (``weight_scale_inv``), as the released checkpoint stores them; ``weights_proj`` is bf16,
-  ``k_norm`` float32.
+  With ``fp8``, ``wq_b`` and ``wk`` are quantized to e4m3 with ``weight_block`` block scales
+  (``weight_scale_inv``), as V3.2's and GLM-5-FP8's releases store them; otherwise bf16.
+  ``weights_proj`` is bf16; ``k_norm`` is ``norm_dtype``.
   """
   pre = (prefix or HF_PREFIX).format(layer=layer)
   p = nnx.to_pure_dict(nnx.state(indexer))
@@ -287,11 +369,12 @@ def indexer_tensors(indexer: Indexer, layer: int, *, fp8: bool = False,
   for short in ("wq_b", "wk"):
     w = np32(p[short]["kernel"]).T
     if fp8:
-      out[pre + short + ".weight"], out[pre + short + ".weight_scale_inv"] = quant_weight(w)
+      out[pre + short + ".weight"], out[pre + short + ".weight_scale_inv"] = quant_weight(
+          w, weight_block)
     else:
       out[pre + short + ".weight"] = np.ascontiguousarray(w).astype(ml_dtypes.bfloat16)
-  out[pre + "k_norm.weight"] = np32(p["k_norm"]["scale"])
-  out[pre + "k_norm.bias"] = np32(p["k_norm"]["bias"])
+  out[pre + "k_norm.weight"] = np32(p["k_norm"]["scale"]).astype(norm_dtype)
+  out[pre + "k_norm.bias"] = np32(p["k_norm"]["bias"]).astype(norm_dtype)
   out[pre + "weights_proj.weight"] = np.ascontiguousarray(
       np32(p["weights_proj"]["kernel"]).T).astype(ml_dtypes.bfloat16)
   return out
@@ -318,5 +401,5 @@ def save_checkpoint(directory, tensors: Mapping[str, np.ndarray], config: Mappin
 
 
 __all__ = ["HF_PREFIX", "dequant_weight", "indexer_tensors", "load_indexer",
-           "load_indexer_params", "quant_weight", "read_header", "read_tensor",
+           "load_indexer_params", "load_indexers", "quant_weight", "read_header", "read_tensor",
            "save_checkpoint"]

@@ -113,3 +113,26 @@ def test_rope_relative_position_property():
   dots = [float((apply_rope(q, jnp.array([m + 10]), cfg) * apply_rope(k, jnp.array([m]), cfg)).sum())
           for m in (0, 50, 300)]
   np.testing.assert_allclose(dots, dots[0], rtol=1e-4)
+
+
+def test_rope_interleaved_matches_textbook_gptj():
+  # GLM-5's indexer: pairs (2i, 2i + 1) rotate by frequency i; the rest passes through.
+  cfg = RopeConfig(theta=1e6, factor=1.0, interleave=True)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((4, 2, 128)).astype(np.float32)
+  pos = np.array([0, 3, 900, 20000])
+  y = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), cfg))
+  f = 1.0 / (1e6 ** (np.arange(0, 64, 2) / 64))
+  ref = x.astype(np.float64).copy()
+  for t in range(4):
+    for i in range(32):
+      a = pos[t] * f[i]
+      x1, x2 = x[t, :, 2 * i].astype(np.float64), x[t, :, 2 * i + 1].astype(np.float64)
+      ref[t, :, 2 * i] = x1 * math.cos(a) - x2 * math.sin(a)
+      ref[t, :, 2 * i + 1] = x1 * math.sin(a) + x2 * math.cos(a)
+  np.testing.assert_allclose(y, ref, rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(y[:2], ref[:2], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(y[..., 64:], x[..., 64:])
+  # Not the NeoX layout: the same input rotates differently.
+  neox = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(pos), RopeConfig(theta=1e6, factor=1.0)))
+  assert np.abs(neox[1:, :, :64] - y[1:, :, :64]).max() > 0.1
