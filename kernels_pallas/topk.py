@@ -80,12 +80,15 @@ class TopKConfig:
     warpgroups: 128-thread warpgroups per CTA.
     load_unroll: 16-byte loads a thread keeps in flight in the load sweep.
     pass_unroll: shared-memory vectors a thread handles per step of the other sweeps.
+    stop_after: profiling only: 0 runs everything; 1-4 stop after the load, the first scan,
+      the digit passes or the count (the output is then left unwritten).
   """
 
   segment: int
   warpgroups: int
-  load_unroll: int = 4
+  load_unroll: int = 8
   pass_unroll: int = 4
+  stop_after: int = 0
 
   def __post_init__(self):
     if self.segment < 4 or self.segment % 4 or self.segment > _SEGMENT_MAX:
@@ -266,6 +269,8 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
 
   vec_loop(cfg.load_unroll, [], load_body)
   m.barrier()
+  if cfg.stop_after == 1:
+    return
 
   # 2. Select: one pass per digit while the bucket of the k-th key is not exact.
   def scan(buf, nbins, krem, zero_next):
@@ -340,6 +345,8 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     return [m.bor(M1, mask), m.bor(P1, pre), M2, P2, krem2, done2]
 
   b0, above0, cnt0, total = scan(0, 1 << bits0, m.c(k), zero_next=1)
+  if cfg.stop_after == 2:
+    return
   few = m.sle(total, m.c(k))
   krem0 = m.sub(m.c(k), above0)
   zero = m.c(0)
@@ -356,6 +363,8 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
                       lambda st=st: st, [v.type for v in st])
     buf = 1 - buf
   M1, P1, M2, P2, _, _ = state
+  if cfg.stop_after == 3:
+    return
 
   def chosen(key, vc, e, p, ties):
     """Whether key (vc, e) is in the top-k; ``ties``: the index prefix (M2, P2) is in play
@@ -397,6 +406,8 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     n_sel = m.add(n_sel, tw)
     before = m.add(before, m.select(m.slt(m.c(w), warp), tw, m.c(0)))
   start = m.add(before, m.sub(incl, mine))
+  if cfg.stop_after == 4:
+    return
 
   def write(ties):
     def body(vcs, ins, c):
