@@ -19,8 +19,8 @@ from nsa_jax.prefill import prefill_topk
 from nsa_jax.sharding import make_mesh, prime_mesh
 from nsa_jax.topk_slots import paged_topk_slots
 from nsa_jax.config import IndexerConfig, index_sources, indexer_layer_types
-from nsa_jax.indexer import (Indexer, IndexerSteps, allocate_block_tables, decode_inputs,
-                             prefill_inputs)
+from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs
+from nsa_jax.steps import IndexerSteps
 from nsa_jax.index_share import IndexShareSteps
 from nsa_jax.weights import load_indexer, load_indexer_params, load_indexers
 
