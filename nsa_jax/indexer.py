@@ -1,8 +1,8 @@
 """The lightning indexer as a Flax NNX layer: projections, rope, fp8, paged cache, top-k.
 
-One layer, as DeepSeek-V3.2's ``inference/model.py`` ``Indexer`` (shared/spec/indexer.md,
-"Forward"); GLM-5's is the same layer with other sizes and interleaved rope (docs/models.md).
-Its :class:`~nsa_jax.config.IndexerConfig` lives in ``nsa_jax.config``.
+One layer, as DeepSeek-V3.2's ``inference/model.py`` ``Indexer`` (docs/contract.md, "The
+forward of one layer"); GLM-5's is the same layer with other sizes and interleaved rope
+(docs/models.md). Its :class:`~nsa_jax.config.IndexerConfig` lives in ``nsa_jax.config``.
 
     q = wq_b(qr).reshape(T, H, D)             k = LayerNorm(wk(x))            (f32 norm, eps 1e-6)
     q, k = rope(q, k)                         first 64 dims: NeoX (V3.2) or interleaved (GLM-5)
