@@ -256,7 +256,8 @@ def estimate_bytes(cfg, prefix, ext, *, decode_steps, next_n, bucket, budget_byt
 
   Device: the paged cache, the weights, and the larger prefill's activations, per-token layer
   intermediates (q in bf16 and float32 while rope and Hadamard run, its fp8 copy), gathered
-  keys, logits (bounded by the budget) with the top-k's workspace, and the output. Host: the
+  keys, logits (bounded by the budget) with the top-k's workspace, and the output; or a
+  decode step's logits if they are larger. Host: the
   random activations (drawn in float32), the cache's zeros, the slot map (two int64 per
   slot) and the copies of the outputs.
   """
@@ -275,6 +276,10 @@ def estimate_bytes(cfg, prefix, ext, *, decode_steps, next_n, bucket, budget_byt
     dev_round = max(dev_round, T_pad * (dim + ql) * 2 + T_pad * H * D * (2 + 4 + 1)
                     + T_pad * H * 8 + S_pad * (D + 4) * 2 + 2 * logits + T_pad * k * 8)
     host_round = max(host_round, T_pad * (dim + ql) * 6 + T_pad * k * 8 + (T_pad + S_pad) * 64)
+  if decode_steps:  # a decode step's logits: [B_pad * next_n, pages_pad * 64] float32, twice
+    pow2 = lambda n: 1 << max(n - 1, 0).bit_length()   # decode_inputs' default buckets
+    pages = max(-(-c // PAGE_SIZE) for c in caps)
+    dev_round = max(dev_round, 2 * pow2(len(caps)) * next_n * pow2(pages) * PAGE_SIZE * 4)
   return host_round + cache + slots * 16 + 2 * weights, dev_round + cache + weights
 
 
