@@ -484,7 +484,8 @@ def _summarize(log, title, slots_rows, requests, ctx_lens, prefix_lens, owner, t
   log(f"\n{title}")
   for b, row, ctx, pre in zip(requests, slots_rows, ctx_lens, prefix_lens):
     sel = row[row >= 0]
-    ok = bool(((req_of[sel] == b) & (pos_of[sel] < ctx)).all()) and len(set(sel.tolist())) == len(sel)
+    ok = (bool(((req_of[sel] == b) & (pos_of[sel] < ctx)).all())
+          and len(set(sel.tolist())) == len(sel))
     pos = np.sort(pos_of[sel])
     in_prefix = float((pos < pre).mean()) if len(pos) else 0.0
     recent = float((pos >= ctx - 64).mean()) if len(pos) else 0.0

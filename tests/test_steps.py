@@ -15,7 +15,8 @@ from flax import nnx
 
 import nsa_jax
 from nsa_jax import budget
-from nsa_jax.indexer import Indexer, IndexerConfig, allocate_block_tables, decode_inputs, prefill_inputs
+from nsa_jax.config import IndexerConfig
+from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs
 from nsa_jax.steps import IndexerSteps
 
 # Tiny shapes of their own: the programs here are cheap to compile on the CI CPU.
