@@ -200,7 +200,7 @@ def main(argv=None):
     rows.append(r)
   print(f"\npaged_mqa_logits (H={H}, D={D}, page {PAGE}, contexts 0.7-1.3x avg, clean, "
         f"L = {'largest context' if args.unaligned else 'whole pages'}) on "
-        f"{common.card()}, jax {jax.__version__}; copy ceiling 2.94 TB/s (anchors), measured "
+        f"{common.card()}, jax {jax.__version__}; copy ceiling 2.94 TB/s (reference run), measured "
         f"now {copy_tbs:.2f} TB/s")
   common.print_table(rows, COLS + ["pct_measured_copy", "error"])
   common.write_results("paged_mqa_logits", rows, args.out, args.smoke,

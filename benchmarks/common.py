@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
-COPY_CEILING_TBS = 2.94      # measured device-to-device copy on our H100 (anchors.md)
-FP8_CEILING_TFLOPS = 1518.0  # measured fp8 8192^3 XLA matmul on our H100 (anchors.md)
+COPY_CEILING_TBS = 2.94      # device-to-device copy, measured on our H100 (reference run)
+FP8_CEILING_TFLOPS = 1518.0  # fp8 8192^3 XLA matmul, measured on our H100 (reference run)
 
 
 def card() -> str:
@@ -42,7 +42,7 @@ def time_per_call(make, *, r_small: int = 1, r_big: int = 5, iters: int = 15,
   host dispatch and launch latency (~0.1-0.3 ms here, measured), spread over the R calls;
   the device time per call is the difference of the medians at ``r_big`` and ``r_small``,
   divided by ``r_big - r_small``, which cancels that fixed cost (the CUDA-event time of the
-  kernels, as device METHOD.md asks for, without a profiler in the loop).
+  kernels, without a profiler in the loop).
   """
   t = {}
   for r in (r_small, r_big):
@@ -53,7 +53,7 @@ def time_per_call(make, *, r_small: int = 1, r_big: int = 5, iters: int = 15,
 
 
 def kernel_ms_per_call(fn, args, *, calls: int = 10, flush_mb: int = 256) -> float | None:
-  """Kernel time per call in ms, as the peers are timed (``.anchors``' kineto figure): the sum
+  """Kernel time per call in ms, as the peers are timed (the reference run's kineto figure): the sum
   of the GPU kernels one call of ``fn(*args)`` launches, from the torch profiler (CUPTI sees
   every kernel of the process, JAX's included), with L2 flushed before each call by a
   ``flush_mb`` MB memset (excluded from the sum). None when torch is not installed.

@@ -27,7 +27,7 @@
 # softmax and learned per-token head weights `w`, computed in fp8. It then keeps the top-k keys
 # per query. The main attention reads only those.
 #
-# This notebook walks through the contract (`shared/spec/indexer.md`, "Forward") on a problem
+# This notebook walks through the contract (`docs/contract.md`, "The forward of one layer") on a problem
 # small enough for a CPU, then runs the same thing through the `Indexer` Flax NNX module and
 # draws which keys each query keeps compared with full causal attention.
 #

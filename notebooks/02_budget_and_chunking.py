@@ -74,7 +74,7 @@ for L in (8_192, 32_768, 65_536, 131_072):
 #
 # ## The formulas
 #
-# From `shared/spec/indexer.md`, with sglang's constants:
+# From the contract (`docs/contract.md`, "The memory budget for prefill logits"), with sglang's constants:
 #
 # - **static budget** = `min(free_fraction * total * (1 - mem_fraction_static), total_fraction * total)`,
 #   or just `total_fraction * total` when `mem_fraction_static` is unset;

@@ -19,10 +19,11 @@ from nsa_jax.prefill import prefill_topk
 from nsa_jax.sharding import make_mesh, prime_mesh
 from nsa_jax.topk_slots import paged_topk_slots
 from nsa_jax.config import IndexerConfig, index_sources, indexer_layer_types
-from nsa_jax.indexer import (Indexer, IndexerSteps, allocate_block_tables, decode_inputs,
-                             prefill_inputs)
+from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs
+from nsa_jax.steps import IndexerSteps
 from nsa_jax.index_share import IndexShareSteps
 from nsa_jax.weights import load_indexer, load_indexer_params, load_indexers
+from nsa_jax.compile_cache import enable_compile_cache
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,4 @@ __all__ = ["IndexKCache", "RopeConfig", "act_quant", "apply_rope", "checking", "
            "plan_chunks", "prefill_topk", "prime_mesh", "paged_topk_slots",
            "Indexer", "IndexerConfig", "IndexerSteps", "allocate_block_tables", "decode_inputs",
            "load_indexer", "load_indexer_params", "prefill_inputs", "IndexShareSteps",
-           "index_sources", "indexer_layer_types", "load_indexers"]
+           "index_sources", "indexer_layer_types", "load_indexers", "enable_compile_cache"]

@@ -5,7 +5,7 @@ axis (T) and the packed key axis (S) are padded to buckets, so a new length comp
 it crosses a bucket. Values are on the host already, so this is where bad lengths are caught,
 at no cost: a ``ValueError`` naming the argument.
 
-Packing (shared/spec/indexer.md, "Valid keys"): the key axis holds each request's full
+Packing (docs/contract.md, "Valid keys"): the key axis holds each request's full
 sequence (cached prefix, then its new tokens) back to back; new token p of request b sees keys
 ``[start_b, start_b + prefix_b + p + 1)``. Example: extend lens [3, 2] with prefix lens [7, 2]
 (total 10 and 4) give ks = [0, 0, 0, 10, 10], ke = [8, 9, 10, 13, 14]. Padding rows get the

@@ -13,7 +13,7 @@ While tracing with a cold cache (sglang: CUDA-graph capture) nothing is queried 
 is cached: the static budget, computed from an estimate of the device's size, is used
 instead, with a one-time warning.
 
-Formulas (shared/spec/indexer.md, "Memory budget"):
+Formulas (docs/contract.md, "The memory budget for prefill logits"):
   static   = min(free_fraction * total * (1 - mem_fraction_static), total_fraction * total)
              (only total_fraction * total when mem_fraction_static is unset), at least 1 byte;
   measured = min(free_fraction * free_now, static), at least 1 byte.

@@ -1,8 +1,8 @@
 """The lightning indexer as a Flax NNX layer: projections, rope, fp8, paged cache, top-k.
 
-One layer, as DeepSeek-V3.2's ``inference/model.py`` ``Indexer`` (shared/spec/indexer.md,
-"Forward"); GLM-5's is the same layer with other sizes and interleaved rope (docs/models.md).
-Its :class:`~nsa_jax.config.IndexerConfig` lives in ``nsa_jax.config``.
+One layer, as DeepSeek-V3.2's ``inference/model.py`` ``Indexer`` (docs/contract.md, "The
+forward of one layer"); GLM-5's is the same layer with other sizes and interleaved rope
+(docs/models.md). Its :class:`~nsa_jax.config.IndexerConfig` lives in ``nsa_jax.config``.
 
     q = wq_b(qr).reshape(T, H, D)             k = LayerNorm(wk(x))            (f32 norm, eps 1e-6)
     q, k = rope(q, k)                         first 64 dims: NeoX (V3.2) or interleaved (GLM-5)
@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nsa_jax import budget as _budget
 from nsa_jax import ops
 from nsa_jax.cache import IndexKCache, table_slots
 from nsa_jax.config import IndexerConfig
@@ -406,81 +405,13 @@ def _check_cache(cache, D, fn):
                      f"k_fp8 {list(cache.k_fp8.shape)}")
 
 
-# --------------------------------------------------------------------------- jit
-
-def _prefill_step(params, x, qr, inputs, cache, *, graphdef, output, backend, interpret,
-                  budget_bytes):
-  return nnx.merge(graphdef, params).prefill(x, qr, inputs, cache, output=output,
-                                             backend=backend, interpret=interpret,
-                                             budget_bytes=budget_bytes)
-
-
-def _decode_step(params, x, qr, inputs, cache, *, graphdef, output, backend, interpret):
-  return nnx.merge(graphdef, params).decode(x, qr, inputs, cache, output=output,
-                                            backend=backend, interpret=interpret)
-
-
-# Module level, with the graph definition as a static argument: layers with equal configs have
-# equal graph definitions, so all of a model's indexer layers share one program per bucket.
-_STATIC = ("graphdef", "output", "backend", "interpret")
-_prefill_jit = jax.jit(_prefill_step, static_argnames=_STATIC + ("budget_bytes",),
-                       donate_argnames=("cache",))
-_decode_jit = jax.jit(_decode_step, static_argnames=_STATIC, donate_argnames=("cache",))
-
-
-class IndexerSteps:
-  """The jit-compiled prefill and decode steps of one :class:`Indexer` (split/merge + jax.jit).
-
-  The module is split once; each step merges it inside jit, so parameters are ordinary jit
-  arguments and the graph definition (which holds the config) is static. Programs are shared
-  by every layer with the same config. The cache argument is donated (its buffers are reused
-  for the returned cache: pass the returned one to the next call). A step compiles once per
-  input bucket (T_pad, S_pad for prefill; B_pad, next_n and pages for decode) and per
-  ``output``. The memory budget is primed here, before any tracing (one device query).
-
-  Args:
-    indexer: the :class:`Indexer`.
-    backend, interpret: kernel choice for every op (``"auto"``: Pallas on a GPU).
-    budget_bytes: explicit prefill logits budget (int), else the cached device budget.
-    device: the device whose budget is primed (default: the default device).
-  """
-
-  def __init__(self, indexer: Indexer, *, backend: str = "auto", interpret: bool = False,
-               budget_bytes: int | None = None, device=None):
-    if backend not in ops.BACKENDS:
-      raise ValueError(f"IndexerSteps: backend must be one of {ops.BACKENDS}, got {backend!r}")
-    if budget_bytes is not None and (isinstance(budget_bytes, bool) or
-                                     not isinstance(budget_bytes, int) or budget_bytes < 1):
-      raise ValueError(f"IndexerSteps: budget_bytes must be an int >= 1 or None, got "
-                       f"{budget_bytes!r}")
-    self.config = indexer.config
-    self.backend, self.interpret = backend, interpret
-    self._explicit_budget = budget_bytes
-    self.budget_bytes = budget_bytes if budget_bytes is not None else _budget.prime(device)
-    self.graphdef, self.params = nnx.split(indexer)
-
-  def prefill(self, x, qr, inputs: PrefillInputs, cache: IndexKCache, *,
-              output: str = "slots"):
-    """Jitted :meth:`Indexer.prefill`; donates ``cache``. Returns (indices, new cache)."""
-    return _prefill_jit(self.params, x, qr, inputs, cache, graphdef=self.graphdef,
-                        output=output, backend=self.backend, interpret=self.interpret,
-                        budget_bytes=self._explicit_budget)
-
-  def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots"):
-    """Jitted :meth:`Indexer.decode`; donates ``cache``. Returns (indices, new cache)."""
-    return _decode_jit(self.params, x, qr, inputs, cache, graphdef=self.graphdef,
-                       output=output, backend=self.backend, interpret=self.interpret)
-
-  def plan(self, inputs: PrefillInputs):
-    """The :class:`~nsa_jax.ChunkPlan` the prefill step uses for these inputs (host only)."""
-    from nsa_jax.prefill import plan_for
-    return plan_for(int(inputs.ks.shape[0]), int(inputs.key_slots.shape[0]),
-                    budget_bytes=self._explicit_budget)
-
-  @staticmethod
-  def cache_sizes() -> dict:
-    """Compiled programs held per step, over all IndexerSteps (jax's jit cache sizes)."""
-    return dict(prefill=_prefill_jit._cache_size(), decode=_decode_jit._cache_size())
+# IndexerSteps (the jitted steps) lives in nsa_jax/steps.py, one floor above the layer; the
+# name stays importable from here.
+def __getattr__(name):
+  if name == "IndexerSteps":
+    from nsa_jax.steps import IndexerSteps
+    return IndexerSteps
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["DecodeInputs", "Indexer", "IndexerConfig", "IndexerSteps", "OUTPUTS",

@@ -1,0 +1,216 @@
+"""The compiled prefill and decode steps of an :class:`~nsa_jax.Indexer`, and their host cost.
+
+:class:`IndexerSteps` turns one layer into two jitted functions of plain arrays,
+
+    prefill(x, qr, inputs, cache) -> (indices, cache)      decode(x, qr, inputs, cache) -> ...
+
+with the paged cache donated (its buffers are reused for the returned cache), one compiled
+program per input bucket, and programs shared by every layer with the same config.
+
+Why it is built the way it is (docs/architecture.md, "Host overhead"): a decode step of the
+V3.2 layer runs for ~0.05 ms on an H200, so what the host spends per call matters as much as
+the kernels. The first version jitted a module-level function with the NNX graph definition
+as a static argument: every call hashed that graph definition (a nested Python structure),
+flattened the ``nnx.State`` through Python callbacks and merged the module. Here all of that
+is done once, in ``__init__``:
+
+- the layer is split once and its parameters kept as a flat tuple of arrays (a plain pytree
+  that jit flattens in C++);
+- the jitted function for each (step, output format) is looked up once per instance in a
+  registry keyed by everything the program depends on (graph definition, parameter tree,
+  backend, budget), so equal layers share one function and therefore one compiled program;
+- a call is one positional call of that function: no static arguments to hash, no keyword
+  processing, no ``nnx.merge`` outside the trace.
+
+The same pure functions are exposed (:meth:`IndexerSteps.prefill_fn`,
+:meth:`IndexerSteps.decode_fn`) for running every layer of a model inside one jit of the
+user's own, where the per-layer dispatch disappears altogether (README, "Every layer in one
+jit").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from nsa_jax import budget as _budget
+from nsa_jax import ops
+from nsa_jax.cache import IndexKCache
+from nsa_jax.indexer import OUTPUTS, DecodeInputs, Indexer, PrefillInputs
+
+_CACHE_ARG = 4  # position of ``cache`` in (params, x, qr, inputs, cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+  """What one jitted step depends on besides its array arguments (the registry key)."""
+
+  kind: str                 # "prefill" | "decode"
+  graphdef: nnx.GraphDef    # the layer's structure and config
+  treedef: object           # the tree of its parameters (jax.tree.flatten of nnx.state)
+  output: str
+  backend: str
+  interpret: bool
+  budget_bytes: int | None  # prefill only: explicit budget, None = the cached device budget
+
+
+def _pure(p: _Program) -> Callable:
+  """(params, x, qr, inputs, cache) -> (indices, new cache), traceable inside any jit."""
+
+  def step(params, x, qr, inputs, cache):
+    layer = nnx.merge(p.graphdef, jax.tree.unflatten(p.treedef, list(params)))
+    if p.kind == "prefill":
+      return layer.prefill(x, qr, inputs, cache, output=p.output, backend=p.backend,
+                           interpret=p.interpret, budget_bytes=p.budget_bytes)
+    return layer.decode(x, qr, inputs, cache, output=p.output, backend=p.backend,
+                        interpret=p.interpret)
+
+  step.__name__ = step.__qualname__ = f"indexer_{p.kind}_step"
+  return step
+
+
+# Program -> (pure function, its jit). Module level so that every IndexerSteps of an equal
+# layer gets the same jitted function, hence the same compiled programs.
+_REGISTRY: dict[_Program, tuple[Callable, Callable]] = {}
+
+
+def _lookup(p: _Program) -> tuple[Callable, Callable]:
+  hit = _REGISTRY.get(p)
+  if hit is None:
+    pure = _pure(p)
+    hit = _REGISTRY[p] = (pure, jax.jit(pure, donate_argnums=(_CACHE_ARG,)))
+  return hit
+
+
+class IndexerSteps:
+  """The jit-compiled prefill and decode steps of one :class:`~nsa_jax.Indexer`.
+
+  A step compiles once per input bucket (T_pad, S_pad for prefill; B_pad, next_n and pages
+  for decode) and per ``output``; the programs are shared by every layer with the same config.
+  The cache argument is donated: pass the returned cache to the next call. The memory budget
+  is primed here, before any tracing (one device query). The steps hold the layer's parameters
+  as they are when the steps are made; make new steps after changing them.
+
+  Args:
+    indexer: the :class:`~nsa_jax.Indexer`.
+    backend, interpret: kernel choice for every op (``"auto"``: Pallas on a GPU).
+    budget_bytes: explicit prefill logits budget (int), else the cached device budget.
+    device: the device whose budget is primed (default: the default device).
+
+  Attributes:
+    params: tuple of the layer's parameter arrays (``jax.tree.leaves(nnx.state(indexer))``),
+      the first argument of :meth:`prefill_fn` / :meth:`decode_fn`.
+    budget_bytes: the prefill logits budget in bytes (a Python int).
+  """
+
+  def __init__(self, indexer: Indexer, *, backend: str = "auto", interpret: bool = False,
+               budget_bytes: int | None = None, device=None):
+    fn = "IndexerSteps"
+    if not isinstance(indexer, Indexer):
+      raise ValueError(f"{fn}: indexer must be an nsa_jax.Indexer, got {type(indexer).__name__}")
+    if backend not in ops.BACKENDS:
+      raise ValueError(f"{fn}: backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or
+                                     not isinstance(budget_bytes, int) or budget_bytes < 1):
+      raise ValueError(f"{fn}: budget_bytes must be an int >= 1 or None, got {budget_bytes!r}")
+    self.config = indexer.config
+    self.backend, self.interpret = backend, bool(interpret)
+    self._explicit_budget = budget_bytes
+    self.budget_bytes = budget_bytes if budget_bytes is not None else _budget.prime(device)
+    graphdef, state = nnx.split(indexer)
+    leaves, treedef = jax.tree.flatten(state)
+    self.params = tuple(leaves)
+    self._graphdef, self._treedef = graphdef, treedef
+    # (kind, output) -> (pure, jitted); filled on first use, so a call never hashes graphdef.
+    self._fns: dict[tuple[str, str], tuple[Callable, Callable]] = {}
+
+  def _get(self, kind: str, output: str) -> tuple[Callable, Callable]:
+    hit = self._fns.get((kind, output))
+    if hit is None:
+      if output not in OUTPUTS:
+        raise ValueError(f"IndexerSteps.{kind}: output must be one of {OUTPUTS}, got {output!r}")
+      hit = self._fns[(kind, output)] = _lookup(_Program(
+          kind, self._graphdef, self._treedef, output, self.backend, self.interpret,
+          self._explicit_budget if kind == "prefill" else None))
+    return hit
+
+  # ------------------------------------------------------------------ the jitted steps
+
+  def prefill(self, x, qr, inputs: PrefillInputs, cache: IndexKCache, *,
+              output: str = "slots"):
+    """Jitted :meth:`Indexer.prefill <nsa_jax.Indexer.prefill>`; donates ``cache``.
+
+    Args:
+      x: float [T_pad, dim]; qr: float [T_pad, q_lora_rank] (rows past the batch's tokens
+        are padding).
+      inputs: :class:`~nsa_jax.indexer.PrefillInputs` from ``prefill_inputs`` (numpy, or
+        already on the device via ``jax.device_put``).
+      cache: the :class:`~nsa_jax.IndexKCache` (donated).
+      output: "slots" | "positions" | "keys".
+
+    Returns:
+      ``(int32 [T_pad, topk] indices, -1 padded; the new IndexKCache)``.
+    """
+    if type(inputs) is not PrefillInputs:
+      raise ValueError(f"IndexerSteps.prefill: inputs must be PrefillInputs (from "
+                       f"nsa_jax.prefill_inputs(batch, block_tables)), got "
+                       f"{type(inputs).__name__}")
+    return self._get("prefill", output)[1](self.params, x, qr, inputs, cache)
+
+  def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots"):
+    """Jitted :meth:`Indexer.decode <nsa_jax.Indexer.decode>`; donates ``cache``.
+
+    Args:
+      x: float [B_pad * next_n, dim]; qr: float [B_pad * next_n, q_lora_rank], request-major.
+      inputs: :class:`~nsa_jax.indexer.DecodeInputs` from ``decode_inputs`` (B_pad rows).
+      cache: the :class:`~nsa_jax.IndexKCache` (donated).
+      output: "slots" | "positions" | "keys".
+
+    Returns:
+      ``(int32 [B_pad * next_n, topk] indices, -1 padded; the new IndexKCache)``.
+    """
+    if type(inputs) is not DecodeInputs:
+      raise ValueError(f"IndexerSteps.decode: inputs must be DecodeInputs (from "
+                       f"nsa_jax.decode_inputs(context_lens, block_tables)), got "
+                       f"{type(inputs).__name__}")
+    return self._get("decode", output)[1](self.params, x, qr, inputs, cache)
+
+  # ------------------------------------------------------------------ inside your own jit
+
+  def prefill_fn(self, output: str = "slots") -> Callable:
+    """The un-jitted prefill step, ``(params, x, qr, inputs, cache) -> (indices, cache)``.
+
+    A pure function for use inside a jit of your own (e.g. every layer of a model in one
+    program). ``params`` is :attr:`params` of any :class:`IndexerSteps` whose layer has this
+    one's config; shapes and dtypes as :meth:`prefill`. The chunk plan comes from the budget
+    primed when these steps were made (a Python int at trace time: no memory query inside
+    your jit).
+    """
+    return self._get("prefill", output)[0]
+
+  def decode_fn(self, output: str = "slots") -> Callable:
+    """The un-jitted decode step, ``(params, x, qr, inputs, cache) -> (indices, cache)``;
+    as :meth:`prefill_fn`, shapes and dtypes as :meth:`decode`."""
+    return self._get("decode", output)[0]
+
+  # ------------------------------------------------------------------ host-side helpers
+
+  def plan(self, inputs: PrefillInputs):
+    """The :class:`~nsa_jax.ChunkPlan` the prefill step uses for these inputs (host only)."""
+    from nsa_jax.prefill import plan_for
+    return plan_for(int(inputs.ks.shape[0]), int(inputs.key_slots.shape[0]),
+                    budget_bytes=self._explicit_budget)
+
+  @staticmethod
+  def cache_sizes() -> dict:
+    """Compiled programs held per step kind, over all IndexerSteps (jax's jit cache sizes)."""
+    sizes = dict(prefill=0, decode=0)
+    for p, (_, jitted) in _REGISTRY.items():
+      sizes[p.kind] += jitted._cache_size()
+    return sizes
+
+
+__all__ = ["IndexerSteps"]

@@ -1,0 +1,195 @@
+"""IndexerSteps: what a call costs on the host (no merge, no memory query, no transfer, no
+recompile), programs shared by equal layers, and every layer of a model in one jit of the
+user's own (README, "Every layer in one jit")."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+
+import nsa_jax
+from nsa_jax import budget
+from nsa_jax.config import IndexerConfig
+from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs
+from nsa_jax.steps import IndexerSteps
+
+# Tiny shapes of their own: the programs here are cheap to compile on the CI CPU.
+CFG = IndexerConfig(dim=64, q_lora_rank=32, n_heads=4, head_dim=32, topk=16, rope_head_dim=16)
+LAYERS = 3
+
+
+class Counter:
+  """Backend compiles (jax's monitoring event) from the moment it is made."""
+
+  def __init__(self):
+    self.n = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on)
+
+  def _on(self, event, duration, **kw):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.n += 1
+
+
+COMPILES = Counter()
+
+
+def bf16(rng, *shape):
+  return jax.device_put(rng.standard_normal(shape, np.float32).astype(ml_dtypes.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def model():
+  """LAYERS indexer layers of one config, their steps, block tables for 3 requests."""
+  layers = [Indexer(CFG, rngs=nnx.Rngs(i)) for i in range(LAYERS)]
+  steps = [IndexerSteps(m, backend="xla") for m in layers]
+  tables, P = allocate_block_tables([200, 90, 130], seed=3)
+  return layers, steps, tables, P
+
+
+@pytest.fixture
+def memory_queries(monkeypatch):
+  calls = []
+  real = budget.query_device_memory
+  monkeypatch.setattr(budget, "query_device_memory", lambda d: calls.append(d) or real(d))
+  return calls
+
+
+def fresh_caches(P):
+  return [nsa_jax.IndexKCache.create(P, CFG.head_dim) for _ in range(LAYERS)]
+
+
+def test_equal_layers_share_programs(model):
+  _, steps, tables, P = model
+  rng = np.random.default_rng(0)
+  d = jax.device_put(decode_inputs([40, 10, 70], tables, num_pages=P))
+  rows = d.context_lens.shape[0]
+  x, qr = bf16(rng, rows, CFG.dim), bf16(rng, rows, CFG.q_lora_rank)
+  before = IndexerSteps.cache_sizes()["decode"]
+  for s, cache in zip(steps, fresh_caches(P)):
+    jax.block_until_ready(s.decode(x, qr, d, cache))
+  assert IndexerSteps.cache_sizes()["decode"] - before <= 1, "one program for all layers"
+  assert steps[0].decode_fn() is steps[2].decode_fn()
+
+
+def test_steady_call_merges_nothing_queries_nothing_transfers_nothing(model, memory_queries,
+                                                                       monkeypatch):
+  """A call in an already compiled bucket: no nnx.merge (no trace), no memory query, no
+  compile, no implicit host<->device transfer; the cache is donated."""
+  _, steps, tables, P = model
+  s = steps[0]
+  rng = np.random.default_rng(1)
+  cache = fresh_caches(P)[0]
+  b = nsa_jax.build_ragged_batch([30, 20, 10], [0, 0, 0])
+  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
+  x, qr = bf16(rng, b.T_pad, CFG.dim), bf16(rng, b.T_pad, CFG.q_lora_rank)
+  out, cache = s.prefill(x, qr, inp, cache)               # compiles (or finds) the bucket
+  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
+  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
+  out_d, cache = s.decode(xd, qd, d, cache)
+  jax.block_until_ready((out, out_d))
+
+  merges = []
+  real_merge = nnx.merge
+  monkeypatch.setattr(nnx, "merge", lambda *a, **k: merges.append(1) or real_merge(*a, **k))
+  c0, q0 = COMPILES.n, len(memory_queries)
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      old = cache
+      out, cache = s.prefill(x, qr, inp, cache)
+      assert old.k_fp8.is_deleted(), "the cache must be donated"
+      out_d, cache = s.decode(xd, qd, d, cache)
+    jax.block_until_ready((out, out_d, cache))
+  assert COMPILES.n == c0 and not merges and len(memory_queries) == q0
+
+
+def test_inputs_of_the_wrong_kind_are_named(model):
+  _, steps, tables, P = model
+  b = nsa_jax.build_ragged_batch([3, 3, 3], [0, 0, 0])
+  cache = fresh_caches(P)[0]
+  x = jnp.zeros((b.T_pad, CFG.dim), jnp.bfloat16)
+  qr = jnp.zeros((b.T_pad, CFG.q_lora_rank), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"IndexerSteps.prefill: inputs must be PrefillInputs .* "
+                                       r"got RaggedBatch"):
+    steps[0].prefill(x, qr, b, cache)
+  with pytest.raises(ValueError, match="IndexerSteps.decode: inputs must be DecodeInputs"):
+    steps[0].decode(x, qr, prefill_inputs(b, tables), cache)
+  with pytest.raises(ValueError, match="IndexerSteps.decode: output must be one of"):
+    steps[0].decode(x, qr, decode_inputs([3, 3, 3], tables), cache, output="ids")
+  with pytest.raises(ValueError, match="IndexerSteps: indexer must be an nsa_jax.Indexer"):
+    IndexerSteps(nnx.split(Indexer(CFG, rngs=nnx.Rngs(0)))[1])
+
+
+def test_every_layer_in_one_jit(model, memory_queries):
+  """The README's pattern: the plan and budget are made once on the host, every layer's step
+  runs inside one jit of the user's. One compile per bucket; steady calls compile nothing,
+  query no memory and move nothing implicitly; results equal the per-layer steps'."""
+  layers, steps, tables, P = model
+  prefill = steps[0].prefill_fn()
+  decode = steps[0].decode_fn()
+  params = [s.params for s in steps]
+
+  @functools.partial(jax.jit, donate_argnums=(4,))
+  def model_prefill(params, xs, qrs, inputs, caches):
+    outs, new = [], []
+    for p, x, qr, cache in zip(params, xs, qrs, caches):
+      out, cache = prefill(p, x, qr, inputs, cache)
+      outs.append(out)
+      new.append(cache)
+    return outs, new
+
+  @functools.partial(jax.jit, donate_argnums=(4,))
+  def model_decode(params, xs, qrs, inputs, caches):
+    outs, new = [], []
+    for p, x, qr, cache in zip(params, xs, qrs, caches):
+      out, cache = decode(p, x, qr, inputs, cache)
+      outs.append(out)
+      new.append(cache)
+    return outs, new
+
+  rng = np.random.default_rng(2)
+  pre = [150, 40, 100]
+  b = nsa_jax.build_ragged_batch(pre, [0, 0, 0])
+  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
+  xs = [bf16(rng, b.T_pad, CFG.dim) for _ in range(LAYERS)]
+  qrs = [bf16(rng, b.T_pad, CFG.q_lora_rank) for _ in range(LAYERS)]
+  caches, ref_caches = fresh_caches(P), fresh_caches(P)
+  outs, caches = model_prefill(params, xs, qrs, inp, caches)
+  for l in range(LAYERS):
+    ref, ref_caches[l] = steps[l].prefill(xs[l], qrs[l], inp, ref_caches[l])
+    np.testing.assert_array_equal(np.asarray(outs[l]), np.asarray(ref))
+
+  # Decode steps: the host makes each step's inputs (numpy) and puts them on the device
+  # explicitly; the jitted model sees only device arrays.
+  ctx = list(pre)
+  host_steps = []
+  for _ in range(4):
+    ctx = [c + 1 for c in ctx]
+    d = decode_inputs(ctx, tables, num_pages=P)
+    rows = d.context_lens.shape[0]
+    host_steps.append((jax.device_put(d), [bf16(rng, rows, CFG.dim) for _ in range(LAYERS)],
+                       [bf16(rng, rows, CFG.q_lora_rank) for _ in range(LAYERS)]))
+  d, xd, qd = host_steps[0]
+  outs, caches = model_decode(params, xd, qd, d, caches)       # the one decode compile
+  jax.block_until_ready(outs)
+  c0, q0 = COMPILES.n, len(memory_queries)
+  with jax.transfer_guard("disallow"):
+    for d, xd, qd in host_steps[1:]:
+      outs, caches = model_decode(params, xd, qd, d, caches)
+    jax.block_until_ready((outs, caches))
+  assert COMPILES.n == c0, f"{COMPILES.n - c0} compiles in steady decode steps"
+  assert len(memory_queries) == q0, "a memory query inside the model's jit"
+
+  refs = [None] * LAYERS
+  for d, xd, qd in host_steps:
+    for l in range(LAYERS):
+      refs[l], ref_caches[l] = steps[l].decode(xd[l], qd[l], d, ref_caches[l])
+  for l in range(LAYERS):
+    np.testing.assert_array_equal(np.asarray(outs[l]), np.asarray(refs[l]))
+    np.testing.assert_array_equal(np.asarray(caches[l].k_fp8.view(jnp.uint8)),
+                                  np.asarray(ref_caches[l].k_fp8.view(jnp.uint8)))
