@@ -126,7 +126,7 @@ def topk_rows(args, on_gpu):
       del sets
     if on_gpu:
       kern = row.get("mosaic_kernel_ms")
-      row["floor_ms"] = T * S * 4 / (COPY_TBS / 2 * 1e12) * 1e3   # one read at half the copy rate
+      row["floor_ms"] = T * S * 4 / (COPY_TBS * 1e12) * 1e3   # one read at the copy rate
       if kern:
         row["gbs"] = T * S * 4 / kern / 1e6
       p = peers.get(shape, {})
