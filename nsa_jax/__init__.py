@@ -15,8 +15,8 @@ from nsa_jax.validation import checking
 from nsa_jax import budget  # noqa: F401  (nsa_jax.budget.prime / reset / configure)
 from nsa_jax.batch import RaggedBatch, build_ragged_batch
 from nsa_jax.planner import ChunkPlan, plan_chunks
-from nsa_jax.prefill import prefill_topk
-from nsa_jax.sharding import make_mesh, prime_mesh
+from nsa_jax import prefill  # noqa: F401  (the single-device routine, no meshes)
+from nsa_jax.sharding import make_mesh, prefill_topk, prime_mesh
 from nsa_jax.topk_slots import paged_topk_slots
 from nsa_jax.config import IndexerConfig, index_sources, indexer_layer_types
 from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs

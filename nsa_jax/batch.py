@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from nsa_jax import planner
+from nsa_jax.validation import host_array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,7 +70,7 @@ class RaggedBatch:
 
 
 def _lengths(name: str, x, fn: str) -> np.ndarray:
-  arr = np.asarray(x)
+  arr = host_array(fn, name, x)
   if arr.ndim != 1:
     raise ValueError(f"{fn}: {name} must be a 1-D sequence of ints, got shape {arr.shape}")
   if arr.size and not np.issubdtype(arr.dtype, np.integer):

@@ -21,12 +21,16 @@ Formulas (docs/contract.md, "The memory budget for prefill logits"):
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
 import warnings
 
 import jax
+import numpy as np
+
+from nsa_jax.validation import static_int
 
 # sglang's constants (nsa_indexer.py, PR #25299).
 BYTES_PER_LOGIT = 4
@@ -68,7 +72,8 @@ _warned: set = set()     # devices whose cold-trace warning was shown
 
 
 def _check_fraction(name: str, x, *, allow_zero: bool) -> float:
-  ok = not isinstance(x, bool) and isinstance(x, (int, float))
+  ok = (not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, float, np.integer, np.floating))
+        and not math.isnan(x))
   ok = ok and ((x >= 0) if allow_zero else (x > 0)) and x <= 1
   if not ok:
     rng = "[0, 1]" if allow_zero else "(0, 1]"
@@ -107,9 +112,7 @@ def configure(*, mem_fraction_static=_UNSET, free_fraction=_UNSET, total_fractio
                       ("device_total_bytes", device_total_bytes)):
       if val is _UNSET:
         continue
-      if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-        raise ValueError(f"budget.configure: {name} must be an int >= 1 or None, got {val!r}")
-      setattr(_settings, name, val)
+      setattr(_settings, name, static_int("budget.configure", name, val, 1, none_ok=True))
     _cache.clear()
 
 

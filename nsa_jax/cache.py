@@ -8,11 +8,15 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax.quant import FP8_DTYPE
+from nsa_jax.validation import describe, expect, static_int
 
 PAGE_SIZE = 64
 
 
-@jax.tree_util.register_dataclass
+def _is_array(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexKCache:
   """One layer's paged index-K cache (a pytree, so it can be donated and jitted).
@@ -23,6 +27,8 @@ class IndexKCache:
 
   A token at cache slot ``s`` lives at page ``s // page_size``, offset ``s % page_size``;
   request b's token p is slot ``block_tables[b, p // page_size] * page_size + p % page_size``.
+  Building one checks the two arrays' shapes and dtypes (ValueError); jax's own rebuilding of
+  the pytree (under jit, with placeholder leaves) skips the check.
   """
 
   k_fp8: jax.Array
@@ -30,17 +36,13 @@ class IndexKCache:
 
   def __post_init__(self):
     kf, sc = self.k_fp8, self.k_scale
-    if not hasattr(kf, "shape") or not hasattr(sc, "shape"):
-      return  # tree_util may build placeholders (None, object()) while flattening.
-    if len(kf.shape) != 3:
-      raise ValueError(f"IndexKCache: k_fp8 must be [num_pages, page_size, D], got shape {kf.shape}")
-    if kf.dtype != FP8_DTYPE:
-      raise ValueError(f"IndexKCache: k_fp8 must be float8_e4m3fn, got {kf.dtype}")
-    if tuple(sc.shape) != tuple(kf.shape[:2]):
-      raise ValueError(
-          f"IndexKCache: k_scale must be [num_pages, page_size] = {tuple(kf.shape[:2])}, got {sc.shape}")
-    if sc.dtype != jnp.float32:
-      raise ValueError(f"IndexKCache: k_scale must be float32, got {sc.dtype}")
+    if not _is_array(kf) or kf.ndim != 3 or kf.dtype != FP8_DTYPE:
+      raise ValueError(f"IndexKCache: k_fp8 must be float8_e4m3fn [num_pages, page_size, D], "
+                       f"got {describe(kf)}")
+    want = list(kf.shape[:2])
+    if not _is_array(sc) or list(sc.shape) != want or sc.dtype != jnp.float32:
+      raise ValueError(f"IndexKCache: k_scale must be float32 [num_pages, page_size] = {want}, "
+                       f"got {describe(sc)}")
 
   @property
   def num_pages(self) -> int:
@@ -56,7 +58,11 @@ class IndexKCache:
 
   @classmethod
   def create(cls, num_pages: int, head_dim: int = 128, page_size: int = PAGE_SIZE) -> "IndexKCache":
-    """An all-zero cache of ``num_pages`` pages."""
+    """An all-zero cache of ``num_pages`` pages (static ints >= 1) of ``page_size`` tokens."""
+    fn = "IndexKCache.create"
+    num_pages = static_int(fn, "num_pages", num_pages, 1)
+    head_dim = static_int(fn, "head_dim", head_dim, 1)
+    page_size = static_int(fn, "page_size", page_size, 1)
     return cls(jnp.zeros((num_pages, page_size, head_dim), FP8_DTYPE),
                jnp.zeros((num_pages, page_size), jnp.float32))
 
@@ -64,10 +70,21 @@ class IndexKCache:
     """Returns the cache with token rows written at ``slots``.
 
     Args:
-      slots: int32 [N] flat slot ids (page * page_size + offset); a slot outside
-        [0, num_pages * page_size), e.g. -1 for a padding token, is skipped.
-      k_fp8: float8_e4m3fn [N, D]; k_scale: float32 [N] (or [N, 1]).
+      slots: int [N] (any int dtype) flat slot ids (page * page_size + offset); a slot
+        outside [0, num_pages * page_size), e.g. -1 for a padding token, is skipped.
+      k_fp8: float8_e4m3fn [N, D]; k_scale: float32 [N] (or [N, 1]). N may be 0.
     """
+    fn = "IndexKCache.write"
+    if not hasattr(slots, "shape") or not hasattr(slots, "dtype"):
+      raise ValueError(f"{fn}: slots must be an int array [N], got {describe(slots)}")
+    if slots.ndim != 1 or not jnp.issubdtype(slots.dtype, jnp.integer):
+      raise ValueError(f"{fn}: slots must be an int array [N], got {describe(slots)}")
+    N = slots.shape[0]
+    expect("k_fp8", k_fp8, (N, self.head_dim), FP8_DTYPE, fn)
+    if hasattr(k_scale, "shape") and k_scale.ndim == 2:
+      expect("k_scale", k_scale, (N, 1), jnp.float32, fn)
+    else:
+      expect("k_scale", k_scale, (N,), jnp.float32, fn)
     n_slots = self.num_pages * self.page_size
     slots = slots.astype(jnp.int32)
     # Out-of-range slots are mapped past the end so that mode="drop" skips them.
@@ -89,6 +106,12 @@ class IndexKCache:
   def from_bytes(cls, data: jax.Array, head_dim: int = 128, page_size: int = PAGE_SIZE
                  ) -> "IndexKCache":
     """Inverse of :meth:`to_bytes`; ``data`` is uint8 [num_pages, page_size * (head_dim + 4)]."""
+    fn = "IndexKCache.from_bytes"
+    head_dim = static_int(fn, "head_dim", head_dim, 1)
+    page_size = static_int(fn, "page_size", page_size, 1)
+    if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+      raise ValueError(f"{fn}: data must be a uint8 array [num_pages, "
+                       f"{page_size * (head_dim + 4)}], got {describe(data)}")
     if data.ndim != 2 or data.shape[1] != page_size * (head_dim + 4) or data.dtype != jnp.uint8:
       raise ValueError(
           f"IndexKCache.from_bytes: data must be uint8[num_pages, {page_size * (head_dim + 4)}], "
@@ -98,6 +121,25 @@ class IndexKCache:
     sb = data[:, page_size * head_dim:].reshape(P, page_size, 4)
     return cls(jax.lax.bitcast_convert_type(kb, FP8_DTYPE),
                jax.lax.bitcast_convert_type(sb, jnp.float32))
+
+
+def _flatten_with_keys(c: IndexKCache):
+  return ((jax.tree_util.GetAttrKey("k_fp8"), c.k_fp8),
+          (jax.tree_util.GetAttrKey("k_scale"), c.k_scale)), None
+
+
+def _unflatten(_, leaves) -> IndexKCache:
+  # Not through __init__: jax rebuilds pytrees with placeholder leaves (None, object(),
+  # in_axes ints) that the user-facing check would refuse.
+  c = object.__new__(IndexKCache)
+  object.__setattr__(c, "k_fp8", leaves[0])
+  object.__setattr__(c, "k_scale", leaves[1])
+  return c
+
+
+jax.tree_util.register_pytree_with_keys(
+    IndexKCache, _flatten_with_keys, _unflatten,
+    flatten_func=lambda c: ((c.k_fp8, c.k_scale), None))
 
 
 def token_slots(block_tables: jax.Array, requests: jax.Array, positions: jax.Array,

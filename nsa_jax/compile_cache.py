@@ -51,6 +51,9 @@ def enable_compile_cache(directory: str | os.PathLike | None = None, *,
     ValueError: ``directory`` cannot be created or is not writable.
   """
   fn = "enable_compile_cache"
+  if directory is not None and not isinstance(directory, (str, os.PathLike)):
+    raise ValueError(f"{fn}: directory must be a path (str or os.PathLike) or None, got "
+                     f"{type(directory).__name__}")
   path = os.path.abspath(os.path.expanduser(os.fspath(directory) if directory is not None
                                             else default_dir()))
   try:

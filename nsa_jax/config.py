@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from nsa_jax.quant import SCALE_FORMATS
 from nsa_jax.rope import RopeConfig
+from nsa_jax.validation import static_int
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 
@@ -112,9 +113,7 @@ class IndexerConfig:
   def __post_init__(self):
     fn = "IndexerConfig"
     for name in _INT_FIELDS:
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{fn}: {name} must be an int >= 1, got {v!r}")
+      object.__setattr__(self, name, static_int(fn, name, getattr(self, name), 1))
     D = self.head_dim
     if D & (D - 1):
       raise ValueError(f"{fn}: head_dim must be a power of two (Hadamard rotation, one fp8 "
@@ -300,8 +299,7 @@ def indexer_layer_types(config: Mapping[str, Any] | str | os.PathLike,
     num_layers = config.get("num_hidden_layers")
     if num_layers is None:
       raise ValueError(f"{fn}: config has no num_hidden_layers; pass num_layers=")
-  if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-    raise ValueError(f"{fn}: num_layers must be an int >= 1, got {num_layers!r}")
+  num_layers = static_int(fn, "num_layers", num_layers, 1)
   listed = config.get("indexer_types")
   if listed is None and config.get("index_topk_pattern") is not None:
     pattern = config["index_topk_pattern"]
@@ -349,6 +347,10 @@ def index_sources(config_or_types, num_layers: int | None = None) -> tuple[int, 
   if isinstance(config_or_types, (Mapping, str, os.PathLike)):
     types = indexer_layer_types(config_or_types, num_layers)
   else:
+    if not hasattr(config_or_types, "__iter__"):
+      raise ValueError(f"index_sources: config_or_types must be a config.json (dict, file or "
+                       f"directory) or a sequence of layer types, got "
+                       f"{type(config_or_types).__name__}")
     types = tuple(config_or_types)
     if not types or types[0] != "full" or any(t not in ("full", "shared") for t in types):
       raise ValueError(f"index_sources: layer types must be 'full' / 'shared' starting with "

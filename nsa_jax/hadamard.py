@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsa_jax.validation import describe
+
 
 @functools.lru_cache(maxsize=None)
 def hadamard_matrix(n: int) -> np.ndarray:
@@ -26,6 +28,13 @@ def hadamard_rotate(x: jax.Array) -> jax.Array:
   The rotation is orthonormal, so dot products between rotated q and k equal the unrotated
   ones; it only spreads outliers across the block before fp8 rounding.
   """
+  fn = "hadamard_rotate"
+  if (not hasattr(x, "shape") or not hasattr(x, "dtype") or x.ndim < 1 or
+      not jnp.issubdtype(x.dtype, jnp.floating)):
+    raise ValueError(f"{fn}: x must be a float array [..., n], got {describe(x)}")
+  n = x.shape[-1]
+  if n < 1 or n & (n - 1):
+    raise ValueError(f"{fn}: x's last axis must be a power of two, got {describe(x)}")
   h = jnp.asarray(hadamard_matrix(x.shape[-1]), jnp.float32)
   y = jnp.matmul(x.astype(jnp.float32), h, precision=jax.lax.Precision.HIGHEST)
   return y.astype(x.dtype)

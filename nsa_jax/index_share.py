@@ -21,6 +21,7 @@ import jax
 from nsa_jax.cache import IndexKCache
 from nsa_jax.config import computing_layers
 from nsa_jax.indexer import DecodeInputs, Indexer, IndexerSteps, PrefillInputs
+from nsa_jax.validation import static_int
 
 
 class IndexShareSteps:
@@ -38,7 +39,13 @@ class IndexShareSteps:
                backend: str = "auto", interpret: bool = False,
                budget_bytes: int | None = None, device=None):
     fn = "IndexShareSteps"
-    sources = tuple(int(s) for s in sources)
+    if not isinstance(indexers, Mapping):
+      raise ValueError(f"{fn}: indexers must be a dict {{layer: Indexer}}, got "
+                       f"{type(indexers).__name__}")
+    if isinstance(sources, (str, bytes)) or not hasattr(sources, "__iter__"):
+      raise ValueError(f"{fn}: sources must be a sequence of ints (one per layer), got "
+                       f"{type(sources).__name__}")
+    sources = tuple(static_int(fn, "sources[i]", s, 0) for s in sources)
     if not sources or any(not 0 <= s <= i or sources[s] != s for i, s in enumerate(sources)):
       raise ValueError(f"{fn}: sources must name, for each layer, itself or an earlier layer "
                        f"that computes (sources[s] == s), got {list(sources)[:12]}")
@@ -64,13 +71,15 @@ class IndexShareSteps:
     return {layer: IndexKCache.create(num_pages, self.steps[layer].config.head_dim)
             for layer in self.computing}
 
-  def _check_layer(self, layer, fn):
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-      raise ValueError(f"{fn}: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+  def _check_layer(self, layer, fn) -> int:
+    layer = static_int(fn, "layer", layer, 0)
+    if layer >= self.num_layers:
+      raise ValueError(f"{fn}: layer must be an int in [0, {self.num_layers}), got {layer}")
+    return layer
 
   def _run(self, kind, layer, x, qr, inputs, caches, reuse, output):
     fn = f"IndexShareSteps.{kind}"
-    self._check_layer(layer, fn)
+    layer = self._check_layer(layer, fn)
     src = self.sources[layer]
     if src != layer:
       if reuse is None:

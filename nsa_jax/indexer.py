@@ -48,8 +48,8 @@ from nsa_jax.prefill import prefill_topk
 from nsa_jax.quant import act_quant
 from nsa_jax.reference import PAGE_SIZE
 from nsa_jax.rope import apply_rope
-from nsa_jax.topk_slots import decode_key_range, paged_topk_slots
-from nsa_jax.validation import expect
+from nsa_jax.topk_slots import decode_key_range, paged_topk_slots_unchecked
+from nsa_jax.validation import describe, expect, host_array, static_int
 
 OUTPUTS = ("slots", "positions", "keys")
 _I32 = jnp.int32
@@ -111,7 +111,7 @@ def _bucket(n: int, buckets, name: str, fn: str) -> int:
 
 def _check_tables(block_tables, lens, fn: str, num_pages: int | None) -> np.ndarray:
   """int32 block tables [B, max_pages] covering ``lens`` tokens per request, or ValueError."""
-  tables = np.asarray(block_tables)
+  tables = host_array(fn, "block_tables", block_tables)
   lens = np.asarray(lens, np.int64)
   if tables.ndim != 2 or not np.issubdtype(tables.dtype, np.integer):
     raise ValueError(f"{fn}: block_tables must be an int array [B, max_pages], got "
@@ -154,6 +154,11 @@ def prefill_inputs(batch, block_tables, *, num_pages: int | None = None) -> Pref
     recompiles only when the batch's buckets change).
   """
   fn = "prefill_inputs"
+  from nsa_jax.batch import RaggedBatch
+  if not isinstance(batch, RaggedBatch):
+    raise ValueError(f"{fn}: batch must be a RaggedBatch (nsa_jax.build_ragged_batch), got "
+                     f"{type(batch).__name__}")
+  num_pages = static_int(fn, "num_pages", num_pages, 1, none_ok=True)
   lens = np.zeros(batch.num_requests, np.int64)
   real = batch.key_request >= 0
   np.add.at(lens, batch.key_request[real], 1)
@@ -182,7 +187,8 @@ def decode_inputs(context_lens, block_tables, *, batch_buckets: Sequence[int] | 
     :class:`DecodeInputs` of numpy int32 arrays; padding requests have length 0 and -1 pages.
   """
   fn = "decode_inputs"
-  ctx = np.asarray(context_lens)
+  ctx = host_array(fn, "context_lens", context_lens)
+  num_pages = static_int(fn, "num_pages", num_pages, 1, none_ok=True)
   if ctx.ndim != 1 or (ctx.size and not np.issubdtype(ctx.dtype, np.integer)):
     raise ValueError(f"{fn}: context_lens must be a 1-D int sequence, got {ctx.dtype}"
                      f"{list(ctx.shape)}")
@@ -213,7 +219,15 @@ def allocate_block_tables(capacities, *, seed: int | None = None, extra_pages: i
   Returns:
     (int32 [B, max_pages] block tables with -1 past each request's pages, num_pages int).
   """
-  caps = np.asarray(capacities, np.int64)
+  fn = "allocate_block_tables"
+  caps = host_array(fn, "capacities", capacities)
+  if (caps.ndim != 1 or (caps.size and not np.issubdtype(caps.dtype, np.integer)) or
+      (caps < 0).any()):
+    raise ValueError(f"{fn}: capacities must be a 1-D sequence of ints >= 0, got "
+                     f"{describe(capacities)}")
+  caps = caps.astype(np.int64)
+  seed = static_int(fn, "seed", seed, 0, none_ok=True)
+  extra_pages = static_int(fn, "extra_pages", extra_pages, 0)
   pages = -(-caps // PAGE_SIZE)
   num_pages = int(pages.sum()) + int(extra_pages)
   order = np.arange(num_pages)
@@ -357,6 +371,7 @@ class Indexer(nnx.Module):
     Returns:
       ``(int32 [B_pad * next_n, topk] indices, -1 padded; the new IndexKCache)``. Query t of
       request b sees positions ``p < context_lens[b]`` with ``p <= context_lens[b] - next_n + t``.
+      B_pad = 0 (with x of 0 rows) gives int32 [0, topk] and the cache unchanged.
     """
     fn = "Indexer.decode"
     self._check_output(output, fn)
@@ -367,10 +382,12 @@ class Indexer(nnx.Module):
     B = inputs.context_lens.shape[0]
     expect("inputs.context_lens", inputs.context_lens, (B,), _I32, fn)
     expect("inputs.block_tables", inputs.block_tables, (B, None), _I32, fn)
-    rows = x.shape[0]
-    if rows % B or rows == 0:
+    rows = x.shape[0] if hasattr(x, "shape") and x.ndim else None
+    if B == 0 and rows == 0:  # an empty batch: nothing to write, nothing to select
+      return jnp.zeros((0, self.config.topk), _I32), cache
+    if rows is None or B == 0 or rows % B or rows == 0:
       raise ValueError(f"{fn}: x must have B_pad * next_n rows with B_pad={B} (from "
-                       f"inputs.context_lens), got {list(x.shape)}")
+                       f"inputs.context_lens), got {describe(x)}")
     n, c = rows // B, self.config
     ctx, tables = inputs.context_lens, inputs.block_tables
     max_pages = tables.shape[1]
@@ -383,9 +400,9 @@ class Indexer(nnx.Module):
                                   tables, max_context_len=L, backend=backend,
                                   interpret=interpret)
     if output == "slots":
-      return paged_topk_slots(logits, ctx, tables, next_n=n, k=c.topk,
-                              num_pages=cache.num_pages, backend=backend,
-                              interpret=interpret), cache
+      return paged_topk_slots_unchecked(logits, ctx, tables, next_n=n, k=c.topk,
+                                        num_pages=cache.num_pages, backend=backend,
+                                        interpret=interpret), cache
     ke = decode_key_range(ctx, n, L)
     idx = ops.topk_indices(logits, jnp.zeros_like(ke), ke, k=c.topk, backend=backend,
                            interpret=interpret)

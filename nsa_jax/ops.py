@@ -2,10 +2,13 @@
 
 Every op takes ``backend="auto" | "pallas" | "xla"`` and ``interpret``:
 - ``"auto"`` runs the Pallas kernel on a Hopper GPU when it supports the shapes, else ``xla``;
-- ``"pallas"`` always runs the kernel (a ``ValueError`` if it cannot take these shapes);
+- ``"pallas"`` always runs the kernel (a ``ValueError`` if it cannot take these shapes, or if
+  the call runs on no GPU: on a CPU use ``interpret=True``; to lower for a GPU from a CPU host,
+  trace under ``jax.sharding.use_abstract_mesh`` with a GPU ``AbstractDevice``);
 - ``"xla"`` runs the jitted, memory-bounded reference (the CPU path and the baseline);
 - ``interpret=True`` runs the Pallas kernel in interpret mode (CPU tests).
 Shapes and dtypes are checked at trace time; values only in checking mode (``validation``).
+Empty batches (T = 0, B = 0, S = 0) give empty results without a kernel (``validation``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import jax.numpy as jnp
 from nsa_jax import reference
 from nsa_jax.cache import IndexKCache
 from nsa_jax.quant import FP8_DTYPE
-from nsa_jax.validation import check_values, expect
+from nsa_jax.validation import (check_values, expect, key_range_error, paged_context_error,
+                                static_bool, static_int)
 
 BACKENDS = ("auto", "pallas", "xla")
 _I32 = jnp.int32
@@ -35,12 +39,41 @@ def _on_hopper() -> bool:
   return cc.split(".")[0] == "9"
 
 
-def resolve_backend(backend: str, interpret: bool, supported, fn: str) -> str:
-  """Returns "pallas" or "xla". ``supported()`` returns None or why the kernel can't run."""
-  if backend not in BACKENDS:
+def _target_platform(arrays) -> str:
+  """Where the call will run: the device of a concrete input, else the abstract mesh's
+  device (cross-lowering sets one), else the default backend."""
+  for a in arrays:
+    if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+      try:
+        return next(iter(a.devices())).platform
+      except Exception:  # deleted arrays: let the op's own error speak
+        break
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def check_backend(backend, interpret, fn: str) -> tuple[str, bool]:
+  """Validates ``backend`` and ``interpret``; returns them (interpret as a Python bool)."""
+  if not isinstance(backend, str) or backend not in BACKENDS:
     raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
+  return backend, static_bool(fn, "interpret", interpret)
+
+
+def resolve_backend(backend: str, interpret: bool, supported, fn: str, arrays=()) -> str:
+  """Returns "pallas" or "xla". ``supported()`` returns None or why the kernel can't run."""
+  backend, interpret = check_backend(backend, interpret, fn)
   if backend == "xla":
     return "xla"
+  if backend == "pallas" and not interpret:
+    platform = _target_platform(arrays)
+    if platform not in ("gpu", "cuda"):
+      raise ValueError(
+          f"{fn}: backend='pallas' runs the GPU kernel, but this call runs on {platform}; "
+          f"pass interpret=True to run the kernel in interpret mode, or backend='xla' (to "
+          f"lower for a GPU from here, trace under jax.sharding.use_abstract_mesh with a GPU "
+          f"AbstractDevice)")
   why = supported()
   if backend == "pallas" or interpret:
     if why:
@@ -55,7 +88,7 @@ def check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn="mqa_logits"):
   """Validates ragged-logits arguments for op ``fn`` (shared by mqa_logits and prefill_topk).
 
   Returns the static ``(T, H, D, S)``; raises ValueError on a bad shape or dtype, and, in
-  checking mode, on ks/ke values outside 0 <= ks <= ke <= S.
+  checking mode, on the first row with ks/ke outside 0 <= ks <= ke <= S.
   """
   expect("q_fp8", q_fp8, (None, None, None), FP8_DTYPE, fn)
   T, H, D = q_fp8.shape
@@ -65,18 +98,40 @@ def check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn="mqa_logits"):
   expect("weights", weights, (T, H), _F32, fn)
   expect("ks", ks, (T,), _I32, fn)
   expect("ke", ke, (T,), _I32, fn)
-  if T < 1 or S < 1:
-    raise ValueError(f"{fn}: T and S must be >= 1, got q_fp8 {list(q_fp8.shape)} and "
-                     f"k_fp8 {list(k_fp8.shape)}")
-  check_values(fn, lambda a, b: bool(((a >= 0) & (a <= b) & (b <= S)).all()),
-               f"need 0 <= ks <= ke <= S={S} for every query", ks, ke)
+  if H < 1 or D < 1:
+    raise ValueError(f"{fn}: q_fp8 must have H >= 1 heads of D >= 1, got "
+                     f"{list(q_fp8.shape)}")
+  check_values(fn, lambda a, b: key_range_error(a, b, S), ks, ke)
   return T, H, D, S
+
+
+def mqa_logits_supported(H: int, D: int):
+  """``supported`` for :func:`resolve_backend`: None or why the logits kernel can't run."""
+  def supported():
+    from kernels_pallas import mqa_logits as kernel
+    return kernel.unsupported_reason(H, D)
+  return supported
 
 
 @functools.partial(jax.jit, static_argnames=("clean_logits",))
 def _mqa_logits_xla(q_fp8, k_fp8, k_scale, weights, ks, ke, clean_logits):
   return reference.mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke,
                               clean_logits=clean_logits, fp8_dot=True)
+
+
+def mqa_logits_unchecked(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool,
+                         backend: str, interpret: bool, fn: str = "mqa_logits") -> jax.Array:
+  """:func:`mqa_logits` for arguments its caller validated (``prefill_topk`` per chunk)."""
+  T, H, D = q_fp8.shape
+  S = k_fp8.shape[0]
+  if T == 0 or S == 0:
+    return jnp.zeros((T, S), _F32)
+  if resolve_backend(backend, interpret, mqa_logits_supported(H, D), fn,
+                     (q_fp8, k_fp8)) == "xla":
+    return _mqa_logits_xla(q_fp8, k_fp8, k_scale, weights, ks, ke, clean_logits)
+  from kernels_pallas import mqa_logits as kernel
+  return kernel.mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke,
+                           clean_logits=clean_logits, interpret=interpret)
 
 
 def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = True,
@@ -87,8 +142,8 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   for ``ks[i] <= j < ke[i]``.
 
   Args:
-    q_fp8: float8_e4m3fn [T, H, D].
-    k_fp8: float8_e4m3fn [S, D].
+    q_fp8: float8_e4m3fn [T, H, D]; T may be 0 (an empty batch).
+    k_fp8: float8_e4m3fn [S, D]; S may be 0.
     k_scale: float32 [S].
     weights: float32 [T, H].
     ks, ke: int32 [T], half-open range of keys each query sees.
@@ -96,20 +151,15 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
       (the Pallas kernel may leave them unwritten; the xla backend writes raw values).
 
   Returns:
-    float32 [T, S].
+    float32 [T, S] (no kernel runs when T or S is 0).
   """
   fn = "mqa_logits"
-  _, H, D, _ = check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
-
-  def supported():
-    from kernels_pallas import mqa_logits as kernel
-    return kernel.unsupported_reason(H, D)
-
-  if resolve_backend(backend, interpret, supported, fn) == "xla":
-    return _mqa_logits_xla(q_fp8, k_fp8, k_scale, weights, ks, ke, clean_logits)
-  from kernels_pallas import mqa_logits as kernel
-  return kernel.mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke,
-                           clean_logits=clean_logits, interpret=interpret)
+  check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
+  clean_logits = static_bool(fn, "clean_logits", clean_logits)
+  backend, interpret = check_backend(backend, interpret, fn)
+  return mqa_logits_unchecked(q_fp8, k_fp8, k_scale, weights, ks, ke,
+                              clean_logits=clean_logits, backend=backend,
+                              interpret=interpret, fn=fn)
 
 
 # --------------------------------------------------------------------------- paged decode
@@ -130,22 +180,26 @@ def paged_mqa_logits(q_fp8, cache: IndexKCache, weights, context_lens, block_tab
   ``p <= context_lens[b] - next_n + t``.
 
   Args:
-    q_fp8: float8_e4m3fn [B, next_n, H, D].
+    q_fp8: float8_e4m3fn [B, next_n, H, D]; B may be 0 (an empty batch).
     cache: :class:`IndexKCache` with k_fp8 [num_pages, 64, D] and k_scale [num_pages, 64].
     weights: float32 [B * next_n, H].
-    context_lens: int32 [B].
+    context_lens: int32 [B], in [0, min(max_context_len, max_pages * 64)] (checked in
+      checking mode).
     block_tables: int32 [B, max_pages]; entries past a request's last page are never read.
-    max_context_len: static int, the output width.
+    max_context_len: static int >= 0 (anything ``operator.index`` takes), the output width.
     clean_logits: -inf exactly at invalid tokens; with False those are unspecified.
 
   Returns:
-    float32 [B * next_n, max_context_len].
+    float32 [B * next_n, max_context_len] (no kernel runs when either is 0).
   """
   fn = "paged_mqa_logits"
   if not isinstance(cache, IndexKCache):
     raise ValueError(f"{fn}: cache must be an IndexKCache, got {type(cache).__name__}")
   expect("q_fp8", q_fp8, (None, None, None, None), FP8_DTYPE, fn)
   B, n, H, D = q_fp8.shape
+  if n < 1 or H < 1:
+    raise ValueError(f"{fn}: q_fp8 must be [B, next_n >= 1, H >= 1, D], got "
+                     f"{list(q_fp8.shape)}")
   if cache.head_dim != D:
     raise ValueError(f"{fn}: cache.k_fp8 must have head dim D={D} (from q_fp8), got "
                      f"{list(cache.k_fp8.shape)}")
@@ -155,20 +209,21 @@ def paged_mqa_logits(q_fp8, cache: IndexKCache, weights, context_lens, block_tab
   expect("weights", weights, (B * n, H), _F32, fn)
   expect("context_lens", context_lens, (B,), _I32, fn)
   expect("block_tables", block_tables, (B, None), _I32, fn)
-  if not isinstance(max_context_len, int) or max_context_len < 1:
-    raise ValueError(f"{fn}: max_context_len must be a static int >= 1, got {max_context_len!r}")
+  max_context_len = static_int(fn, "max_context_len", max_context_len, 0)
+  clean_logits = static_bool(fn, "clean_logits", clean_logits)
+  backend, interpret = check_backend(backend, interpret, fn)
   P = cache.num_pages
-  check_values(fn, lambda c, t: bool((c >= 0).all() and (c <= max_context_len).all() and all(
-      ((row[: -(-int(cl) // 64)] >= 0) & (row[: -(-int(cl) // 64)] < P)).all()
-      for row, cl in zip(t, c))),
-      f"need 0 <= context_lens <= max_context_len={max_context_len} and every used page id "
-      f"in [0, {P})", context_lens, block_tables)
+  check_values(fn, lambda c, t: paged_context_error(c, t, max_context_len, P,
+                                                    reference.PAGE_SIZE),
+               context_lens, block_tables)
+  if B == 0 or max_context_len == 0:
+    return jnp.zeros((B * n, max_context_len), _F32)
 
   def supported():
     from kernels_pallas import paged_mqa_logits as kernel
     return kernel.unsupported_reason(n, H, D)
 
-  if resolve_backend(backend, interpret, supported, fn) == "xla":
+  if resolve_backend(backend, interpret, supported, fn, (q_fp8, cache.k_fp8)) == "xla":
     return _paged_xla(q_fp8, cache, weights, context_lens, block_tables, max_context_len,
                       clean_logits)
   from kernels_pallas import paged_mqa_logits as kernel
@@ -179,9 +234,29 @@ def paged_mqa_logits(q_fp8, cache: IndexKCache, weights, context_lens, block_tab
 
 # --------------------------------------------------------------------------- top-k
 
+def topk_supported(S: int, k: int):
+  """``supported`` for :func:`resolve_backend`: None or why the top-k kernel can't run."""
+  def supported():
+    from kernels_pallas import topk as kernel
+    return kernel.unsupported_reason(S, k)
+  return supported
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def _topk_xla(logits, ks, ke, k):
   return reference.topk_indices(logits, ks, ke, k=k)
+
+
+def topk_indices_unchecked(logits, ks, ke, *, k: int, backend: str, interpret: bool,
+                           ascending: bool = False, fn: str = "topk_indices") -> jax.Array:
+  """:func:`topk_indices` for arguments its caller validated (``k`` a Python int)."""
+  T, S = logits.shape
+  if T == 0 or S == 0:
+    return jnp.full((T, k), -1, _I32)
+  if resolve_backend(backend, interpret, topk_supported(S, k), fn, (logits,)) == "xla":
+    return _topk_xla(logits, ks, ke, k)
+  from kernels_pallas import topk as kernel
+  return kernel.topk_indices(logits, ks, ke, k=k, interpret=interpret, ascending=ascending)
 
 
 def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
@@ -189,35 +264,30 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
   """Per row, the indices of the k largest logits among keys in [ks, ke).
 
   Args:
-    logits: float32 [T, S].
+    logits: float32 [T, S]; T and S may be 0.
     ks, ke: int32 [T].
-    k: static count (DeepSeek-V3.2: 2048). May exceed S.
+    k: static count >= 1 (DeepSeek-V3.2: 2048; anything ``operator.index`` takes). May
+      exceed S.
     ascending: pallas, list each row in ascending index (a slower write pass); xla,
       no change. Either way equal logits then come in ascending index, which a merge of
       several candidate lists by ``lax.top_k`` needs to keep the tie rule.
 
   Returns:
     int32 [T, k]: absolute key indices in [ks, ke); -1 fills the slots past the number of
-    valid keys. Every valid key ranks above every invalid one (a row with <= k valid keys
-    returns all of them); NaN ranks as -inf. On ties at the threshold the lowest key indices
-    win on both backends. Order within the k: xla, descending by value; pallas,
-    unspecified unless ``ascending`` (a row with <= k valid keys: ascending, then -1).
+    valid keys (all of them when S = 0). Every valid key ranks above every invalid one (a
+    row with <= k valid keys returns all of them); NaN ranks as -inf. On ties at the
+    threshold the lowest key indices win on both backends. Order within the k: xla,
+    descending by value; pallas, unspecified unless ``ascending`` (a row with <= k valid
+    keys: ascending, then -1).
   """
   fn = "topk_indices"
   expect("logits", logits, (None, None), _F32, fn)
   T, S = logits.shape
   expect("ks", ks, (T,), _I32, fn)
   expect("ke", ke, (T,), _I32, fn)
-  if not isinstance(k, int) or k < 1:
-    raise ValueError(f"{fn}: k must be a static int >= 1, got {k!r}")
-  check_values(fn, lambda a, b: bool(((a >= 0) & (a <= b) & (b <= S)).all()),
-               f"need 0 <= ks <= ke <= S={S} for every row", ks, ke)
-
-  def supported():
-    from kernels_pallas import topk as kernel
-    return kernel.unsupported_reason(S, k)
-
-  if resolve_backend(backend, interpret, supported, fn) == "xla":
-    return _topk_xla(logits, ks, ke, k)
-  from kernels_pallas import topk as kernel
-  return kernel.topk_indices(logits, ks, ke, k=k, interpret=interpret, ascending=ascending)
+  k = static_int(fn, "k", k, 1)
+  ascending = static_bool(fn, "ascending", ascending)
+  backend, interpret = check_backend(backend, interpret, fn)
+  check_values(fn, lambda a, b: key_range_error(a, b, S), ks, ke)
+  return topk_indices_unchecked(logits, ks, ke, k=k, backend=backend, interpret=interpret,
+                                ascending=ascending, fn=fn)

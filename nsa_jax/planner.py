@@ -13,7 +13,10 @@ import dataclasses
 import math
 from typing import Sequence
 
+import numpy as np
+
 from nsa_jax import budget as _budget
+from nsa_jax.validation import static_int
 
 # Default bucket ladder: powers of two from here up.
 MIN_BUCKET = 16
@@ -52,9 +55,7 @@ class ChunkPlan:
 
 
 def _check_int(fn: str, name: str, x, lo: int) -> int:
-  if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-    raise ValueError(f"{fn}: {name} must be a Python int >= {lo}, got {x!r}")
-  return x
+  return static_int(fn, name, x, lo)
 
 
 def pow2_floor(n: int) -> int:
@@ -72,19 +73,19 @@ def plan_chunks(num_q: int, num_k: int, budget_bytes: int, *,
   makes progress, one row at a time).
 
   Args:
-    num_q, num_k, budget_bytes: Python ints >= 1.
+    num_q, num_k, budget_bytes: ints >= 1 (anything ``operator.index`` takes).
     skip_elements: int >= 0 or None.
 
   Returns:
     :class:`ChunkPlan`.
   """
   fn = "plan_chunks"
-  _check_int(fn, "num_q", num_q, 1)
-  _check_int(fn, "num_k", num_k, 1)
-  _check_int(fn, "budget_bytes", budget_bytes, 1)
+  num_q = _check_int(fn, "num_q", num_q, 1)
+  num_k = _check_int(fn, "num_k", num_k, 1)
+  budget_bytes = _check_int(fn, "budget_bytes", budget_bytes, 1)
   if skip_elements is None:
     skip_elements = _budget.SKIP_CHUNK_ELEMENTS
-  _check_int(fn, "skip_elements", skip_elements, 0)
+  skip_elements = _check_int(fn, "skip_elements", skip_elements, 0)
   row_bytes = num_k * _budget.BYTES_PER_LOGIT
   if num_q * num_k < skip_elements or num_q * row_bytes <= budget_bytes:
     return ChunkPlan(num_q, num_k, num_q, 1, num_q, budget_bytes)
@@ -104,12 +105,17 @@ def default_buckets(upto: int, min_bucket: int = MIN_BUCKET) -> tuple[int, ...]:
 
 def check_buckets(name: str, buckets, fn: str) -> tuple[int, ...]:
   """Validates a caller-given ladder: a non-empty, strictly increasing sequence of ints >= 1."""
+  if isinstance(buckets, np.ndarray):
+    buckets = buckets.tolist()
   if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence) or not buckets:
     raise ValueError(f"{fn}: {name} must be a non-empty sequence of ints >= 1, got {buckets!r}")
   out = []
   for b in buckets:
-    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-      raise ValueError(f"{fn}: {name} must hold ints >= 1, got {b!r} in {list(buckets)}")
+    try:
+      b = static_int(fn, name, b, 1)
+    except ValueError:
+      raise ValueError(f"{fn}: {name} must hold ints >= 1, got {b!r} in {list(buckets)}"
+                       ) from None
     if out and b <= out[-1]:
       raise ValueError(f"{fn}: {name} must be strictly increasing, got {list(buckets)}")
     out.append(b)
@@ -127,7 +133,7 @@ def bucket_size(n: int, buckets: Sequence[int] | None = None, *, name: str = "n"
   Raises:
     ValueError: if n exceeds the largest given bucket.
   """
-  _check_int(fn, name, n, 0)
+  n = _check_int(fn, name, n, 0)
   if buckets is None:
     return max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length())
   ladder = check_buckets(f"buckets for {name}", buckets, fn)

@@ -5,7 +5,8 @@ logits: the queries are split into the static chunks of a :class:`~nsa_jax.plann
 made from the cached budget (a Python int, see ``budget``), and a ``lax.scan`` computes each
 chunk's logits and takes its top-k before the next, so peak logits memory is one chunk.
 The plan is made on the host when the function is traced; nothing in the loop looks at
-memory or at array values.
+memory or at array values. One device only: ``sharding`` builds the mesh-aware entry point
+(``nsa_jax.prefill_topk(..., mesh=...)``) on top of this module.
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from nsa_jax import budget as _budget
 from nsa_jax import ops
 from nsa_jax import planner
 from nsa_jax import reference
+from nsa_jax.validation import static_int
 
 _I32_MIN = jnp.iinfo(jnp.int32).min
 
 
 def _chunk_topk(q, k_fp8, k_scale, w, ks, ke, *, k, backend, interpret, with_keys):
   """One chunk: logits [r, S] -> top-k indices [r, k] (and their sortable keys [r, k])."""
-  logits = ops.mqa_logits(q, k_fp8, k_scale, w, ks, ke, backend=backend, interpret=interpret)
+  # Unchecked ops: prefill_topk validated the whole problem once (a chunk's rows would
+  # otherwise be checked again, and named by their row within the chunk).
+  logits = ops.mqa_logits_unchecked(q, k_fp8, k_scale, w, ks, ke, clean_logits=True,
+                                    backend=backend, interpret=interpret, fn="prefill_topk")
   # The key-split merge (with_keys) relies on equal logits coming in ascending index.
-  idx = ops.topk_indices(logits, ks, ke, k=k, backend=backend, interpret=interpret,
-                         ascending=with_keys)
+  idx = ops.topk_indices_unchecked(logits, ks, ke, k=k, backend=backend, interpret=interpret,
+                                   ascending=with_keys, fn="prefill_topk")
   if not with_keys:
     return idx
   # The key-split merge ranks candidates from different devices, so it needs their values;
@@ -96,11 +101,9 @@ def _devices_of(x):
   return None
 
 
-def check_budget_arg(fn: str, budget_bytes) -> None:
-  if budget_bytes is not None and (isinstance(budget_bytes, bool) or
-                                   not isinstance(budget_bytes, int) or budget_bytes < 1):
-    raise ValueError(f"{fn}: budget_bytes must be a Python int >= 1 or None, got "
-                     f"{budget_bytes!r}")
+def check_budget_arg(fn: str, budget_bytes) -> int | None:
+  """``budget_bytes`` as a Python int >= 1, or None; ValueError otherwise."""
+  return static_int(fn, "budget_bytes", budget_bytes, 1, none_ok=True)
 
 
 def plan_for(num_q: int, num_k: int, *, devices=None, budget_bytes: int | None = None,
@@ -118,55 +121,58 @@ def plan_for(num_q: int, num_k: int, *, devices=None, budget_bytes: int | None =
   return planner.plan_chunks(num_q, num_k, budget_bytes)
 
 
+def check_prefill_args(q_fp8, k_fp8, k_scale, weights, ks, ke, *, k, backend, interpret,
+                       budget_bytes, fn: str = "prefill_topk"):
+  """Validates :func:`prefill_topk`'s arguments (values in checking mode).
+
+  Returns ``(T, S, k, backend, interpret, budget_bytes)`` with the statics normalized.
+  """
+  T, H, D, S = ops.check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
+  k = static_int(fn, "k", k, 1)
+  backend, interpret = ops.check_backend(backend, interpret, fn)
+  budget_bytes = check_budget_arg(fn, budget_bytes)
+  if T and S:  # so that a kernel that cannot run is named here, not in a chunk
+    arrays = (q_fp8, k_fp8)
+    ops.resolve_backend(backend, interpret, ops.mqa_logits_supported(H, D), fn, arrays)
+    ops.resolve_backend(backend, interpret, ops.topk_supported(S, k), fn, arrays)
+  return T, S, k, backend, interpret, budget_bytes
+
+
 def prefill_topk(q_fp8, k_fp8, k_scale, weights, ks, ke, *, k: int = 2048,
-                 backend: str = "auto", interpret: bool = False, budget_bytes: int | None = None,
-                 mesh=None, split: str = "queries") -> jax.Array:
-  """Top-k keys per query of a ragged prefill, logits computed one budgeted chunk at a time.
+                 backend: str = "auto", interpret: bool = False,
+                 budget_bytes: int | None = None) -> jax.Array:
+  """Top-k keys per query of a ragged prefill on one device, logits one budgeted chunk at a
+  time. ``nsa_jax.prefill_topk`` (``sharding.prefill_topk``) adds ``mesh=`` on top.
 
   Same result as ``topk_indices(mqa_logits(q_fp8, ...), ks, ke, k=k)``. Callable eagerly and
   inside a user's ``jax.jit`` (the plan only needs static shapes and the cached budget). Call
-  ``nsa_jax.budget.prime()`` (or ``nsa_jax.prime_mesh(mesh)``) before tracing; with a cold
-  cache, tracing uses the static budget and warns once.
+  ``nsa_jax.budget.prime()`` before tracing; with a cold cache, tracing uses the static
+  budget and warns once.
 
   Args:
-    q_fp8: float8_e4m3fn [T, H, D].
-    k_fp8: float8_e4m3fn [S, D].
+    q_fp8: float8_e4m3fn [T, H, D]; T may be 0 (an empty batch).
+    k_fp8: float8_e4m3fn [S, D]; S may be 0 (then every slot is -1).
     k_scale: float32 [S].
     weights: float32 [T, H].
     ks, ke: int32 [T], half-open key range of each query; an empty range gives all -1.
-    k: static top-k count (DeepSeek-V3.2: 2048); may exceed S.
+    k: static top-k count >= 1 (DeepSeek-V3.2: 2048; anything ``operator.index`` takes);
+      may exceed S.
     backend, interpret: passed to ``mqa_logits`` and ``topk_indices`` for every chunk.
-    budget_bytes: Python int overriding the cached budget for the logits of one chunk.
-    mesh: a one-axis ``jax.sharding.Mesh`` to shard over (see ``nsa_jax.sharding``), or None.
-    split: with a mesh, "queries" (data parallel: each device takes T / n queries against all
-      keys) or "keys" (context parallel: each device scores S / n keys for every query, and
-      the per-device top-k candidates are merged).
+    budget_bytes: int overriding the cached budget for the logits of one chunk.
 
   Returns:
     int32 [T, k]: key indices in [ks, ke), -1 past the number of valid keys; order as
     ``topk_indices`` with this backend (xla: descending logit, ties to the lower index).
-    With a mesh, sharded over the mesh axis along T when T is a multiple of the mesh size
-    (bucketed sizes are); otherwise XLA returns it replicated.
   """
-  fn = "prefill_topk"
-  T, _, _, S = ops.check_mqa_args(q_fp8, k_fp8, k_scale, weights, ks, ke, fn)
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"{fn}: k must be a static int >= 1, got {k!r}")
-  if backend not in ops.BACKENDS:
-    raise ValueError(f"{fn}: backend must be one of {ops.BACKENDS}, got {backend!r}")
-  check_budget_arg(fn, budget_bytes)
+  T, S, k, backend, interpret, budget_bytes = check_prefill_args(
+      q_fp8, k_fp8, k_scale, weights, ks, ke, k=k, backend=backend, interpret=interpret,
+      budget_bytes=budget_bytes)
+  if T == 0 or S == 0:
+    return jnp.full((T, k), -1, jnp.int32)
   tracing = True if _is_tracer(q_fp8, k_fp8, k_scale, weights, ks, ke) else None
-  if mesh is not None:
-    from nsa_jax import sharding
-    return sharding.sharded_prefill_topk(q_fp8, k_fp8, k_scale, weights, ks, ke, mesh=mesh,
-                                         split=split, k=k, backend=backend,
-                                         interpret=interpret, budget_bytes=budget_bytes,
-                                         tracing=tracing)
-  if split != "queries":
-    raise ValueError(f"{fn}: split applies only with a mesh; got split={split!r} and mesh=None")
   plan = plan_for(T, S, devices=_devices_of(q_fp8), budget_bytes=budget_bytes, tracing=tracing)
   return _chunked_topk_jit(q_fp8, k_fp8, k_scale, weights, ks, ke, plan=plan, k=k,
                            backend=backend, interpret=interpret, with_keys=False)
 
 
-__all__ = ["chunked_topk", "plan_for", "prefill_topk"]
+__all__ = ["check_prefill_args", "chunked_topk", "plan_for", "prefill_topk"]

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nsa_jax.validation import describe, expect, static_int
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -31,6 +33,28 @@ class RopeConfig:
   beta_slow: float = 1.0
   max_position: int = 163840
   interleave: bool = False
+
+  def __post_init__(self):
+    fn = "RopeConfig"
+    rope_dim = static_int(fn, "rope_dim", self.rope_dim, 0)
+    if rope_dim % 2:
+      raise ValueError(f"{fn}: rope_dim must be even (features rotate in pairs), got "
+                       f"{rope_dim}")
+    if not isinstance(self.interleave, (bool, np.bool_)):
+      raise ValueError(f"{fn}: interleave must be a bool, got {describe(self.interleave)}")
+    object.__setattr__(self, "interleave", bool(self.interleave))
+    object.__setattr__(self, "rope_dim", rope_dim)
+    for name in ("original_max_position", "max_position"):
+      object.__setattr__(self, name, static_int(fn, name, getattr(self, name), 1))
+    for name, positive in (("theta", True), ("factor", True), ("beta_fast", False),
+                           ("beta_slow", False)):
+      v = getattr(self, name)
+      if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer,
+                                                                 np.floating))
+          or not math.isfinite(v) or (positive and v <= 0)):
+        raise ValueError(f"{fn}: {name} must be a finite{' positive' if positive else ''} "
+                         f"number, got {describe(v)}")
+      object.__setattr__(self, name, float(v))
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:
@@ -67,6 +91,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig = RopeConfig(
   Returns:
     x's shape and dtype; features ``rope_dim:`` pass through. Angles are float32.
   """
+  fn = "apply_rope"
+  if not isinstance(cfg, RopeConfig):
+    raise ValueError(f"{fn}: cfg must be a RopeConfig, got {type(cfg).__name__}")
+  if (not hasattr(x, "shape") or not hasattr(x, "dtype") or x.ndim < 2 or
+      not jnp.issubdtype(x.dtype, jnp.floating)):
+    raise ValueError(f"{fn}: x must be a float array [T, ..., D], got {describe(x)}")
+  if x.shape[-1] < cfg.rope_dim:
+    raise ValueError(f"{fn}: x's last axis must hold at least rope_dim={cfg.rope_dim} "
+                     f"features, got {describe(x)}")
+  expect("positions", positions, (x.shape[0],),
+         (jnp.int32, jnp.int64, jnp.int16, jnp.int8, jnp.uint32, jnp.uint16, jnp.uint8), fn)
   r = cfg.rope_dim
   freqs = jnp.asarray(inv_frequencies(cfg), jnp.float32)
   ang = positions.astype(jnp.float32)[:, None] * freqs[None, :]  # [T, r/2]

@@ -40,6 +40,7 @@ from nsa_jax import budget as _budget
 from nsa_jax import ops
 from nsa_jax.cache import IndexKCache
 from nsa_jax.indexer import OUTPUTS, DecodeInputs, Indexer, PrefillInputs
+from nsa_jax.validation import call_checked, describe, static_int
 
 _CACHE_ARG = 4  # position of ``cache`` in (params, x, qr, inputs, cache)
 
@@ -85,6 +86,15 @@ def _lookup(p: _Program) -> tuple[Callable, Callable]:
   return hit
 
 
+def _check_args(fn, x, qr, cache):
+  """What jit itself would refuse in its own words (a few isinstance checks per call)."""
+  if not hasattr(x, "dtype") or not hasattr(qr, "dtype"):
+    name, a = ("x", x) if not hasattr(x, "dtype") else ("qr", qr)
+    raise ValueError(f"{fn}: {name} must be a float array, got {describe(a)}")
+  if type(cache) is not IndexKCache:
+    raise ValueError(f"{fn}: cache must be an IndexKCache, got {type(cache).__name__}")
+
+
 class IndexerSteps:
   """The jit-compiled prefill and decode steps of one :class:`~nsa_jax.Indexer`.
 
@@ -111,13 +121,10 @@ class IndexerSteps:
     fn = "IndexerSteps"
     if not isinstance(indexer, Indexer):
       raise ValueError(f"{fn}: indexer must be an nsa_jax.Indexer, got {type(indexer).__name__}")
-    if backend not in ops.BACKENDS:
-      raise ValueError(f"{fn}: backend must be one of {ops.BACKENDS}, got {backend!r}")
-    if budget_bytes is not None and (isinstance(budget_bytes, bool) or
-                                     not isinstance(budget_bytes, int) or budget_bytes < 1):
-      raise ValueError(f"{fn}: budget_bytes must be an int >= 1 or None, got {budget_bytes!r}")
+    backend, interpret = ops.check_backend(backend, interpret, fn)
+    budget_bytes = static_int(fn, "budget_bytes", budget_bytes, 1, none_ok=True)
     self.config = indexer.config
-    self.backend, self.interpret = backend, bool(interpret)
+    self.backend, self.interpret = backend, interpret
     self._explicit_budget = budget_bytes
     self.budget_bytes = budget_bytes if budget_bytes is not None else _budget.prime(device)
     graphdef, state = nnx.split(indexer)
@@ -158,7 +165,9 @@ class IndexerSteps:
       raise ValueError(f"IndexerSteps.prefill: inputs must be PrefillInputs (from "
                        f"nsa_jax.prefill_inputs(batch, block_tables)), got "
                        f"{type(inputs).__name__}")
-    return self._get("prefill", output)[1](self.params, x, qr, inputs, cache)
+    _check_args("IndexerSteps.prefill", x, qr, cache)
+    # call_checked: in checking mode, a value check that failed inside raises here.
+    return call_checked(self._get("prefill", output)[1], self.params, x, qr, inputs, cache)
 
   def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots"):
     """Jitted :meth:`Indexer.decode <nsa_jax.Indexer.decode>`; donates ``cache``.
@@ -176,7 +185,8 @@ class IndexerSteps:
       raise ValueError(f"IndexerSteps.decode: inputs must be DecodeInputs (from "
                        f"nsa_jax.decode_inputs(context_lens, block_tables)), got "
                        f"{type(inputs).__name__}")
-    return self._get("decode", output)[1](self.params, x, qr, inputs, cache)
+    _check_args("IndexerSteps.decode", x, qr, cache)
+    return call_checked(self._get("decode", output)[1], self.params, x, qr, inputs, cache)
 
   # ------------------------------------------------------------------ inside your own jit
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from nsa_jax import ops
 from nsa_jax.cache import table_slots
-from nsa_jax.validation import expect
+from nsa_jax.reference import PAGE_SIZE
+from nsa_jax.validation import check_values, expect, paged_context_error, static_int
 
 _I32 = jnp.int32
 
@@ -40,7 +41,8 @@ def _paged_topk_slots(logits, context_lens, block_tables, *, next_n, k, num_page
   rows, L = logits.shape
   ke = decode_key_range(context_lens, next_n, L)
   ks = jnp.zeros_like(ke)
-  idx = ops.topk_indices(logits, ks, ke, k=k, backend=backend, interpret=interpret)  # [rows, k]
+  idx = ops.topk_indices_unchecked(logits, ks, ke, k=k, backend=backend, interpret=interpret,
+                                   fn="paged_topk_slots")                          # [rows, k]
   tables = jnp.repeat(block_tables.astype(_I32), next_n, axis=0)                   # [rows, P]
   return table_slots(tables, idx, num_pages)
 
@@ -53,14 +55,16 @@ def paged_topk_slots(logits, context_lens, block_tables, *, next_n: int, k: int 
   Args:
     logits: float32 [B * next_n, L], as ``paged_mqa_logits`` returns (row b * next_n + t is
       query t of request b; -inf at invalid tokens is fine but not required).
-    context_lens: int32 [B].
+    context_lens: int32 [B] in [0, min(L, max_pages * 64)] (checked in checking mode); B may
+      be 0.
     block_tables: int32 [B, max_pages]; entries past a request's last page are never read
       for a chosen token.
     next_n: static number of query tokens per request (1, or 2 with speculative decoding).
     k: static top-k count (DeepSeek-V3.2: 2048).
     num_pages: static cache size; when given, tokens on a page id outside [0, num_pages)
-      (their logits are -inf) come back as -1 instead of a slot.
+      (their logits are -inf) come back as -1 instead of a slot (an error in checking mode).
     backend, interpret: as for :func:`nsa_jax.topk_indices`.
+    The static ints take anything ``operator.index`` takes.
 
   Returns:
     int32 [B * next_n, k]: ``block_tables[b, p // 64] * 64 + p % 64`` for each chosen logical
@@ -72,15 +76,31 @@ def paged_topk_slots(logits, context_lens, block_tables, *, next_n: int, k: int 
   expect("context_lens", context_lens, (None,), _I32, fn)
   B = context_lens.shape[0]
   expect("block_tables", block_tables, (B, None), _I32, fn)
-  if not isinstance(next_n, int) or next_n < 1:
-    raise ValueError(f"{fn}: next_n must be a static int >= 1, got {next_n!r}")
+  next_n = static_int(fn, "next_n", next_n, 1)
   if logits.shape[0] != B * next_n:
     raise ValueError(f"{fn}: logits must have B * next_n = {B * next_n} rows, got "
                      f"{list(logits.shape)}")
-  if not isinstance(k, int) or k < 1:
-    raise ValueError(f"{fn}: k must be a static int >= 1, got {k!r}")
+  k = static_int(fn, "k", k, 1)
+  num_pages = static_int(fn, "num_pages", num_pages, 1, none_ok=True)
+  backend, interpret = ops.check_backend(backend, interpret, fn)
+  L = logits.shape[1]
+  check_values(fn, lambda c, t: paged_context_error(c, t, L, num_pages, PAGE_SIZE),
+               context_lens, block_tables)
+  return paged_topk_slots_unchecked(logits, context_lens, block_tables, next_n=next_n, k=k,
+                                    num_pages=num_pages, backend=backend, interpret=interpret)
+
+
+def paged_topk_slots_unchecked(logits, context_lens, block_tables, *, next_n: int, k: int,
+                               num_pages: int | None, backend: str, interpret: bool):
+  """:func:`paged_topk_slots` for arguments its caller validated (``Indexer.decode``, whose
+  ``paged_mqa_logits`` call checked the same context lengths and tables)."""
+  rows, L = logits.shape
+  if rows == 0 or L == 0:
+    return jnp.full((rows, k), -1, _I32)
+  ops.resolve_backend(backend, interpret, ops.topk_supported(L, k), "paged_topk_slots",
+                      (logits,))
   return _paged_topk_slots(logits, context_lens, block_tables, next_n=next_n, k=k,
                            num_pages=num_pages, backend=backend, interpret=interpret)
 
 
-__all__ = ["paged_topk_slots", "decode_key_range"]
+__all__ = ["decode_key_range", "paged_topk_slots", "paged_topk_slots_unchecked"]

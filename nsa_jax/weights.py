@@ -42,6 +42,7 @@ from flax import nnx
 
 from nsa_jax.config import index_sources, read_hf_config
 from nsa_jax.indexer import Indexer, IndexerConfig
+from nsa_jax.validation import static_int
 
 HF_PREFIX = "model.layers.{layer}.self_attn.indexer."
 WEIGHT_BLOCK = 128
@@ -69,7 +70,14 @@ def read_header(path: str) -> dict:
     if n > size - 8:
       raise ValueError(f"read_header: {path} is not a safetensors file (header length {n} "
                        f"past the file's {size} bytes)")
-    header = json.loads(f.read(n))
+    try:
+      header = json.loads(f.read(n))
+    except ValueError as e:  # bad JSON or bad UTF-8
+      raise ValueError(f"read_header: {path} is not a safetensors file (its {n}-byte header "
+                       f"is not JSON: {e})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"read_header: {path} is not a safetensors file (its header is a JSON "
+                     f"{type(header).__name__}, not an object)")
   header["__data_start__"] = 8 + n
   return header
 
@@ -77,6 +85,11 @@ def read_header(path: str) -> dict:
 def read_tensor(path: str, header: dict, name: str) -> np.ndarray:
   """One tensor of a .safetensors file as a numpy array (fp8 and bf16 via ml_dtypes)."""
   info = header[name]
+  if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or
+      not isinstance(info.get("shape"), list) or not isinstance(info.get("data_offsets"), list)
+      or len(info["data_offsets"]) != 2):
+    raise ValueError(f"read_tensor: {name} in {path} has a malformed header entry (want dtype, "
+                     f"shape and two data_offsets), got {info!r}")
   if info["dtype"] not in _DTYPES:
     raise ValueError(f"read_tensor: {name} in {path} has dtype {info['dtype']}, not one of "
                      f"{sorted(_DTYPES)}")
@@ -96,6 +109,9 @@ class _Checkpoint:
   """Which file holds which tensor: the HF index file, else every shard's header."""
 
   def __init__(self, path: str):
+    if not isinstance(path, (str, os.PathLike)):
+      raise ValueError(f"load_indexer_params: checkpoint must be a path (str or os.PathLike), "
+                       f"got {type(path).__name__}")
     path = os.fspath(path)
     self.path = path
     self._index = None
@@ -104,8 +120,13 @@ class _Checkpoint:
     elif os.path.isdir(path):
       index = os.path.join(path, INDEX_FILE)
       if os.path.isfile(index):
-        with open(index) as f:
-          self._index = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        try:
+          with open(index) as f:
+            self._index = {k: os.path.join(path, v)
+                           for k, v in json.load(f)["weight_map"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+          raise ValueError(f"load_indexer_params: {index} is not a safetensors index (a JSON "
+                           f"object with a weight_map of names to files): {e!r}") from None
         files = sorted(set(self._index.values()))
       else:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -201,8 +222,7 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
       tensor with the wrong shape or a non-float dtype, with expected and found.
   """
   fn = "load_indexer_params"
-  if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-    raise ValueError(f"{fn}: layer must be an int >= 0, got {layer!r}")
+  layer = static_int(fn, "layer", layer, 0)
   if not isinstance(config, IndexerConfig):
     raise ValueError(f"{fn}: config must be an IndexerConfig, got {type(config).__name__}")
   bo, bi = _block_pair(weight_block)
@@ -263,9 +283,17 @@ def load_indexer_params(checkpoint, layer: int, config: IndexerConfig, *,
 
 
 def _checkpoint_config(checkpoint, fn: str) -> dict:
-  if not os.path.isdir(os.fspath(checkpoint)):
-    raise ValueError(f"{fn}: config is required when checkpoint is not a directory with "
-                     f"config.json, got {checkpoint!r}")
+  if not isinstance(checkpoint, (str, os.PathLike)):
+    raise ValueError(f"{fn}: checkpoint must be a path (str or os.PathLike), got "
+                     f"{type(checkpoint).__name__}")
+  path = os.fspath(checkpoint)
+  if not os.path.exists(path):
+    raise ValueError(f"{fn}: checkpoint {path!r} does not exist")
+  if not os.path.isdir(path):
+    raise ValueError(f"{fn}: config is required when checkpoint is a file, got {path!r}")
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise ValueError(f"{fn}: {path!r} has no config.json; pass config=IndexerConfig(...) or "
+                     f"add the model's config.json")
   return read_hf_config(checkpoint, fn)
 
 
@@ -298,12 +326,13 @@ def load_indexer(checkpoint, layer: int, config: IndexerConfig | None = None, *,
     overrides: IndexerConfig fields replacing those of ``config.json`` (e.g. ``topk=``).
   """
   fn = "load_indexer"
+  layer = static_int(fn, "layer", layer, 0)
   hf = None
   if config is None:
     hf = _checkpoint_config(checkpoint, fn)
     config = IndexerConfig.from_hf_config(hf, **overrides)
     layers = hf.get("num_hidden_layers")
-    if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 and layers:
+    if layers:
       src = index_sources(hf, max(int(layers), layer + 1))[layer]
       if src != layer:
         raise ValueError(f"{fn}: layer {layer} has no indexer weights: its config.json "
@@ -341,10 +370,16 @@ def load_indexers(checkpoint, layers: Sequence[int] | None = None, *,
   config = IndexerConfig.from_hf_config(hf, **overrides)
   sources = index_sources(hf)
   wanted = range(len(sources)) if layers is None else layers
-  bad = [i for i in wanted if isinstance(i, bool) or not isinstance(i, int)
-         or not 0 <= i < len(sources)]
+  def ok(i):
+    try:
+      return 0 <= static_int(fn, "layers", i, 0) < len(sources)
+    except ValueError:
+      return False
+
+  bad = [i for i in wanted if not ok(i)]
   if bad:
     raise ValueError(f"{fn}: layers must be ints in [0, {len(sources)}), got {bad[:8]}")
+  wanted = [int(i) for i in wanted]
   block = _weight_block(hf)
   return sources, {i: _build(config, load_indexer_params(checkpoint, i, config, prefix=prefix,
                                                           weight_block=block))

@@ -157,13 +157,19 @@ def test_public_op_interpret_flag():
 
 @pytest.mark.parametrize("T,S,H", [(8192, 65536, 64), (300, 1001, 32), (1, 77, 64), (4, 8, 128)])
 def test_kernel_cross_lowers_to_cuda(T, S, H):
-  """Real Mosaic GPU lowering (layouts, wgmma operand rules, TMA strides) from the CPU box."""
+  """Real Mosaic GPU lowering (layouts, wgmma operand rules, TMA strides) from the CPU box,
+  through the public op: an abstract GPU mesh tells it the call is meant for a GPU."""
   f = jax.jit(lambda *a: nsa_jax.mqa_logits(*a, backend="pallas"))
   shapes = (jax.ShapeDtypeStruct((T, H, 128), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((S, 128), jnp.float8_e4m3fn),
             jax.ShapeDtypeStruct((S,), jnp.float32), jax.ShapeDtypeStruct((T, H), jnp.float32),
             jax.ShapeDtypeStruct((T,), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32))
-  text = f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+  gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                    platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=gpu)
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 

@@ -190,7 +190,7 @@ def test_small_free_memory_bounds_temp_memory(small_problems, fake_memory):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(k=0), "prefill_topk: k must be a static int >= 1"),
-    (dict(budget_bytes=0), "prefill_topk: budget_bytes must be a Python int >= 1"),
+    (dict(budget_bytes=0), "prefill_topk: budget_bytes must be a static int >= 1 or None, got 0"),
     (dict(budget_bytes=1.5), "budget_bytes"),
     (dict(split="keys"), "split applies only with a mesh"),
     (dict(backend="cuda"), "backend must be one of"),

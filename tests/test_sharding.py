@@ -1,9 +1,10 @@
-"""prefill_topk over a 4-device CPU mesh: query- and key-split equal one device, no recompiles."""
+"""prefill_topk over a 4-device CPU mesh: query- and key-split equal one device, no recompiles,
+with any one-axis mesh (jax.make_mesh Explicit or Auto, Mesh(...)), input layout and jit."""
 
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import nsa_jax
 from nsa_jax import budget
@@ -94,3 +95,103 @@ def test_mesh_errors(mesh):
     nsa_jax.prefill_topk(*args, k=4, mesh=jax.devices())
   with pytest.raises(ValueError, match=r"split must be one of \('queries', 'keys'\)"):
     nsa_jax.prefill_topk(*args, k=4, mesh=mesh, split="rows")
+
+
+# --------------------------------------------------------------------------- any one-axis mesh
+
+MESHES = {
+    "jax.make_mesh": lambda: jax.make_mesh((4,), ("x",)),                      # Explicit
+    "jax.make_mesh(Auto)": lambda: jax.make_mesh((4,), ("x",), axis_types=(AxisType.Auto,)),
+    "Mesh": lambda: Mesh(np.asarray(jax.devices()), ("x",)),                    # Auto
+}
+
+
+def _layout(args, how, mesh):
+  if how == "plain":
+    return args
+  if how == "device0":
+    return tuple(jax.device_put(a, jax.devices()[0]) for a in args)
+  return tuple(jax.device_put(a, NamedSharding(mesh, P("x"))) for a in args)
+
+
+# Arrays committed to one device cannot enter a user's jit that runs on a mesh (jax's rule
+# for any jit); eagerly, prefill_topk moves them onto the mesh.
+LAYOUT_CALLS = [(layout, call) for layout in ("plain", "device0", "sharded")
+                for call in ("eager", "jit", "jit+set_mesh")
+                if layout != "device0" or call == "eager"]
+
+
+@pytest.mark.parametrize("layout,call", LAYOUT_CALLS)
+@pytest.mark.parametrize("kind", list(MESHES))
+def test_any_mesh_layout_and_call(kind, layout, call):
+  """Meshes from jax.make_mesh (Explicit, Auto) and Mesh(...), inputs unsharded, committed to
+  one device or sharded over the mesh, eager or in a user's jit: one device's result, laid
+  out by rows over the mesh."""
+  mesh = MESHES[kind]()
+  assert nsa_jax.prime_mesh(mesh) >= 1
+  assert all(budget.cached_budget(d) is not None for d in mesh.devices.flat)
+  rng = np.random.default_rng(7)
+  args, b = ragged_inputs(rng, [40, 3, 20], [100, 0, 60])       # T_pad 64, S_pad 256
+  ref = np.asarray(reference_topk(args, 16))
+  args = _layout(args, layout, mesh)
+  for split in ("queries", "keys"):
+    f = lambda *a: nsa_jax.prefill_topk(*a, k=16, mesh=mesh, split=split)
+    if call == "eager":
+      out = f(*args)
+    elif call == "jit":
+      out = jax.jit(f)(*args)
+    else:
+      with jax.set_mesh(mesh):
+        out = jax.jit(f)(*args)
+    np.testing.assert_array_equal(np.asarray(out), ref, err_msg=split)
+    assert out.sharding.device_set == set(mesh.devices.flat)
+    assert out.sharding.spec in (P("x", None), P("x")), (split, out.sharding)
+    assert {s.data.shape for s in out.addressable_shards} == {(b.T_pad // 4, 16)}
+
+
+@pytest.mark.parametrize("kind", list(MESHES))
+@pytest.mark.parametrize("split", ["queries", "keys"])
+def test_any_mesh_uneven_rows(kind, split):
+  # T = 13 rows cannot be split evenly: an Explicit mesh returns them replicated.
+  mesh = MESHES[kind]()
+  rng = np.random.default_rng(8)
+  args, _ = ragged_inputs(rng, [9, 4], [10, 7], token_buckets=[13], key_buckets=[30])
+  ref = np.asarray(reference_topk(args, 16))
+  for f in (nsa_jax.prefill_topk, jax.jit(nsa_jax.prefill_topk,
+                                          static_argnames=("k", "mesh", "split"))):
+    out = f(*args, k=16, mesh=mesh, split=split)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+    assert out.sharding.device_set == set(mesh.devices.flat)
+    if kind == "jax.make_mesh":
+      assert out.sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("kind", list(MESHES))
+def test_any_mesh_empty_batch(kind):
+  mesh = MESHES[kind]()
+  rng = np.random.default_rng(9)
+  args, _ = ragged_inputs(rng, [9, 4], [10, 7], token_buckets=[16], key_buckets=[32])
+  empty = (args[0][:0], args[1], args[2], args[3][:0], args[4][:0], args[5][:0])
+  for split in ("queries", "keys"):
+    out = nsa_jax.prefill_topk(*empty, k=8, mesh=mesh, split=split)
+    assert out.shape == (0, 8) and out.dtype == np.int32
+    no_keys = (args[0], args[1][:0], args[2][:0], args[3], 0 * args[4], 0 * args[5])
+    out = nsa_jax.prefill_topk(*no_keys, k=8, mesh=mesh, split=split)
+    np.testing.assert_array_equal(np.asarray(out), -np.ones((16, 8), np.int32))
+
+
+def test_checking_under_a_mesh():
+  mesh = jax.make_mesh((4,), ("x",))
+  nsa_jax.prime_mesh(mesh)
+  rng = np.random.default_rng(10)
+  args, _ = ragged_inputs(rng, [40, 20], [100, 60])
+  ke = np.asarray(args[5]).copy()
+  ke[7] = 10_000
+  bad = args[:5] + (jax.device_put(ke),)
+  f = jax.jit(lambda *a: nsa_jax.prefill_topk(*a, k=8, mesh=mesh, split="keys"))
+  f(*bad).block_until_ready()
+  with pytest.raises(ValueError, match=r"^prefill_topk: .*ke\[7\] = 10000 > S=256$"):
+    with nsa_jax.checking():
+      f(*bad)
+  with nsa_jax.checking(), pytest.raises(ValueError, match=r"ke\[7\] = 10000 > S=256"):
+    nsa_jax.prefill_topk(*bad, k=8, mesh=mesh)
