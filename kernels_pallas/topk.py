@@ -20,13 +20,15 @@ The algorithm, for one segment of one row (one CTA of 128-512 threads):
    those counts gives every thread its run of output slots, and each thread writes its keys'
    indices there (deterministic, thread-major order); the unused slots get -1.
 
-Long rows, and few rows of any length (decode), are split into segments of equal length,
-one CTA each: each segment writes its own top-k as (index, logit) candidates, and the same
-kernel, reading candidates instead of logits ("indirect" mode: the index of a candidate is
-the one stored beside it, -1 for none), selects the top-k of the candidates. This is exact:
-every key of the row's top-k (with the tie rule) is in its segment's top-k. Splitting gives
-decode rows (1-64 rows of 32K-1M keys) more than one SM, and keeps a segment in shared
-memory (<= 32768 keys, 128 KB).
+Rows longer than a CTA's shared memory holds (32768 keys, 128 KB) are split into segments of
+equal length, one CTA each: each segment writes its own top-k as (index, logit) candidates,
+and the same kernel, reading candidates instead of logits ("indirect" mode: the index of a
+candidate is the one stored beside it, -1 for none), selects the top-k of the candidates.
+This is exact: every key of the row's top-k (with the tie rule) is in its segment's top-k.
+Rows are not split further to give few rows (decode) more SMs: on the H200 the extra merge launch cost more
+than it saved (1 x 32768: 13.5 us unsplit vs 16.4 us as 4 x 8192 plus a merge; 64 x 32768:
+17.0 vs 22.9 us; 1 x 131072: 24.6 us as 4 x 32768 vs 27.6 us as 16 x 8192 and two merges;
+kernel time, benchmarks/NOTES.md).
 
 Rows whose valid range holds at most k keys list them in ascending index, then -1, without
 reading a logit (in the unsplit, direct case).
@@ -54,7 +56,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels_pallas import _mlir as m
 
 _SEGMENT_MAX = 32768          # keys a CTA holds in shared memory (128 KB)
-_TARGET_CTAS = 120            # split rows until this many CTAs run (the H200 has 132 SMs)
 _HIST = 2048                  # bins of an 11-bit digit
 # (shift, bits) of the three digits of a 32-bit key, most significant first.
 _DIGITS = ((21, 11), (10, 11), (0, 10))
@@ -103,12 +104,12 @@ class TopKConfig:
 
   @classmethod
   def default(cls, rows: int, num_keys: int, k: int) -> "TopKConfig":
-    """Segments of <= 32768 keys; rows split further (segments >= max(4k, 4096) keys) while
-    fewer than ~120 CTAs would run. 512 threads for segments above 8192 keys, 256 above
-    2048, else 128."""
+    """As few segments of <= 32768 keys as the row needs, of equal length (a multiple of
+    1024). 512 threads for segments above 8192 keys, 256 above 2048, else 128 (measured:
+    8192 x 4096 merge-shaped rows 0.163 ms with 256 threads vs 0.197 with 128). ``rows`` and
+    ``k`` do not change the choice today (splitting few rows further measured slower)."""
+    del rows, k
     nseg = _cdiv(num_keys, _SEGMENT_MAX)
-    while rows * nseg < _TARGET_CTAS and _cdiv(num_keys, 2 * nseg) >= max(4 * k, 4096):
-      nseg *= 2
     seg = _round_up(_cdiv(num_keys, nseg), 1024 if num_keys > 1024 else 4)
     seg = min(seg, _SEGMENT_MAX)
     wg = 4 if seg > 8192 else 2 if seg > 2048 else 1
