@@ -25,8 +25,8 @@ equal length, one CTA each: each segment writes its own top-k as (index, logit) 
 and the same kernel, reading candidates instead of logits ("indirect" mode: the index of a
 candidate is the one stored beside it, -1 for none), selects the top-k of the candidates.
 This is exact: every key of the row's top-k (with the tie rule) is in its segment's top-k.
-Rows are not split further to give few rows (decode) more SMs: on the H200 the extra merge launch cost more
-than it saved (1 x 32768: 13.5 us unsplit vs 16.4 us as 4 x 8192 plus a merge; 64 x 32768:
+Rows are not split further to give few rows (decode) more SMs: on the H200 the extra merge
+launch cost more than it saved (1 x 32768: 13.5 us unsplit vs 16.4 us as 4 x 8192 plus a merge; 64 x 32768:
 17.0 vs 22.9 us; 1 x 131072: 24.6 us as 4 x 32768 vs 27.6 us as 16 x 8192 and two merges;
 kernel time, benchmarks/NOTES.md).
 
