@@ -26,9 +26,9 @@ and the same kernel, reading candidates instead of logits ("indirect" mode: the 
 candidate is the one stored beside it, -1 for none), selects the top-k of the candidates.
 This is exact: every key of the row's top-k (with the tie rule) is in its segment's top-k.
 Rows are not split further to give few rows (decode) more SMs: on the H200 the extra merge
-launch cost more than it saved (1 x 32768: 13.5 us unsplit vs 16.4 us as 4 x 8192 plus a merge; 64 x 32768:
-17.0 vs 22.9 us; 1 x 131072: 24.6 us as 4 x 32768 vs 27.6 us as 16 x 8192 and two merges;
-kernel time, benchmarks/NOTES.md).
+launch cost more than it saved (kernel time; 1 x 32768: 13.5 us unsplit vs 16.4 us as
+4 x 8192 plus a merge; 64 x 32768: 17.0 vs 22.9 us; 1 x 131072: 24.6 us as 4 x 32768 vs
+27.6 us as 16 x 8192 and two merges; benchmarks/NOTES.md).
 
 Rows whose valid range holds at most k keys list them in ascending index, then -1, without
 reading a logit (in the unsplit, direct case).
