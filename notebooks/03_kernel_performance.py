@@ -239,6 +239,47 @@ if not missing("topk", "bench_topk.py"):
                       "xla_ms", "xla_dev_ms", "speedup", "speedup_dev", "same_sets"])
 
 # %% [markdown]
+# ### The Mosaic GPU top-k beside the peers, same device call
+#
+# `topk_variants.json` holds our kernel time per call (kernels only, L2 flushed, torch
+# profiler) and `topk_peers_h200.json` FlashInfer's and sgl-kernel's kineto time, measured in
+# the same device call on the H200 (2026-12-02). Bars: the configuration today's default plan
+# picks for each shape; ratio > 1 means faster than the best peer.
+
+# %%
+var, peer = results.get("topk_variants"), results.get("topk_peers_h200")
+if not var or not peer:
+  print("No topk_variants.json / topk_peers_h200.json yet.")
+else:
+  ours = {r["shape"]: r["kernel_ms"] for r in var["rows"] if r.get("default_plan")}
+  peers = {}
+  for r in peer.get("topk", []):
+    peers.setdefault(r["shape"], {})[r["impl"]] = r["kineto_ms"]
+  shapes = [sh for sh in ours if sh in peers]
+  impls = [("nsa_jax (Mosaic GPU)", lambda sh: ours[sh], "tab:green"),
+           ("FlashInfer", lambda sh: peers[sh].get("flashinfer.top_k_ragged_transform"),
+            "tab:blue"),
+           ("sgl-kernel", lambda sh: peers[sh].get("sgl.fast_topk_v2"), "tab:orange")]
+  fig, ax = plt.subplots(figsize=(11, 4))
+  x = np.arange(len(shapes))
+  for i, (name, get, color) in enumerate(impls):
+    vals = [get(sh) or np.nan for sh in shapes]
+    base = [min(v for v in (impls[1][1](sh), impls[2][1](sh)) if v) for sh in shapes]
+    ax.bar(x + (i - 1) * 0.27, np.array(vals) / np.array(base), 0.27, color=color, label=name)
+  ax.axhline(1.0, color="k", lw=1, ls="--")
+  ax.set_xticks(x, shapes)
+  ax.set_ylabel("time / best peer's time (lower is better)")
+  ax.set_title(f"top-2048 kernel time on {var.get('card')}, {var.get('date')}")
+  ax.legend(fontsize=8)
+  plt.show()
+  show_table([dict(shape=sh, ours_ms=ours[sh],
+                   flashinfer_ms=peers[sh].get("flashinfer.top_k_ragged_transform"),
+                   sgl_ms=peers[sh].get("sgl.fast_topk_v2"),
+                   vs_best_peer=min(v for v in (peers[sh].get("flashinfer.top_k_ragged_transform"),
+                                                peers[sh].get("sgl.fast_topk_v2")) if v) / ours[sh])
+              for sh in shapes])
+
+# %% [markdown]
 # Where the time of a whole prefill goes (`T = S = 32768`, causal, H = 64): the logits, then the
 # top-k, before (with `lax.top_k`) and after the Pallas top-k, and `prefill_topk` end to end.
 
@@ -343,7 +384,8 @@ if not missing("prefill_topk", "bench_prefill_topk.py"):
 # useful TFLOP/s or GB/s plotted against the ceilings when it has them.
 
 # %%
-known = {"mqa_logits", "mqa_logits_variants", "topk", "paged_mqa_logits", "prefill_topk"}
+known = {"mqa_logits", "mqa_logits_variants", "topk", "paged_mqa_logits", "prefill_topk",
+         "topk_variants", "topk_peers_h200"}
 others = {k: v for k, v in results.items() if k not in known}
 if not others:
   print("No other result files yet (e.g. indexer.json will be shown here once a benchmark "
