@@ -117,12 +117,8 @@ def smax(a, b):
   return arith.maxsi(a, b)
 
 
-def umin(a, b):
-  return arith.minui(a, b)
 
 
-def umax(a, b):
-  return arith.maxui(a, b)
 
 
 def as_i32(p):
@@ -134,16 +130,10 @@ def to_i64(a):
   return arith.extsi(i64(), a)
 
 
-def zext64(a):
-  return arith.extui(i64(), a)
 
 
-def f32_bits(x):
-  return arith.bitcast(i32(), x)
 
 
-def bits_f32(x):
-  return arith.bitcast(ir.F32Type.get(), x)
 
 
 def thread_id():
@@ -155,9 +145,6 @@ def barrier():
   gpu.barrier()
 
 
-def popc(a):
-  return llvm.intr_ctpop(a) if hasattr(llvm, "intr_ctpop") else mu.inline_ptx(
-      "popc.b32 $0, $1;", a, result_types=i32())
 
 
 def shfl_down(x, d: int):
@@ -168,13 +155,8 @@ def shfl_up(x, d: int):
   return nvvm.shfl_sync(c(-1), x, c(d), c(0), nvvm.ShflKind.up)
 
 
-def shfl_idx(x, src):
-  return nvvm.shfl_sync(c(-1), x, src if isinstance(src, ir.Value) else c(src),
-                        c(0x1F), nvvm.ShflKind.idx)
 
 
-def ballot(p):
-  return nvvm.vote_sync(c(-1), p, nvvm.VoteSyncKind.ballot)
 
 
 # ---------------------------------------------------------------- memory, by explicit address

@@ -442,7 +442,7 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
 
 
 # ---------------------------------------------------------------- value-level stand-in (CPU)
-def _segment_values(xs, ci, lo, hi, seg_lo, *, k, direct):
+def _segment_values(xs, ci, lo, hi, seg_lo, *, k):
   """The same passes on one segment's values (jnp): (indices [k], logits [k]).
 
   ``xs``: f32 [seg] logits (or candidate logits), ``ci``: i32 [seg] candidate indices (None
@@ -588,7 +588,7 @@ def _interpret_body(ks_ref, ke_ref, x_ref, ci_ref, oi_ref, ov_ref, s_idx, r_idx,
                            (seg,))
   lo = jnp.maximum(lo_i, seg_lo)
   hi = jnp.maximum(jnp.minimum(hi_i, seg_lo + seg), lo)
-  idx, val = _segment_values(xs, ci, lo, hi, seg_lo, k=k, direct=direct)
+  idx, val = _segment_values(xs, ci, lo, hi, seg_lo, k=k)
   if direct and final:
     n = hi - lo
     j = jnp.arange(k, dtype=jnp.int32)
