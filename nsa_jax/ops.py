@@ -268,17 +268,18 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
     ks, ke: int32 [T].
     k: static count >= 1 (DeepSeek-V3.2: 2048; anything ``operator.index`` takes). May
       exceed S.
-    ascending: pallas, list each row in ascending index (a slower write pass); xla,
-      no change. Either way equal logits then come in ascending index, which a merge of
-      several candidate lists by ``lax.top_k`` needs to keep the tie rule.
+    ascending: pallas, list each row in ascending index, -1 last (one XLA sort of the
+      [T, k] result); xla, no change. Either way equal logits then come in ascending
+      index, which a merge of several candidate lists by ``lax.top_k`` needs to keep the
+      tie rule.
 
   Returns:
     int32 [T, k]: absolute key indices in [ks, ke); -1 fills the slots past the number of
     valid keys (all of them when S = 0). Every valid key ranks above every invalid one (a
     row with <= k valid keys returns all of them); NaN ranks as -inf. On ties at the
     threshold the lowest key indices win on both backends. Order within the k: xla,
-    descending by value; pallas, unspecified unless ``ascending`` (a row with <= k valid
-    keys: ascending, then -1).
+    descending by value; pallas, deterministic (thread-major) but unspecified unless
+    ``ascending`` (a row with <= k valid keys: ascending, then -1).
   """
   fn = "topk_indices"
   expect("logits", logits, (None, None), _F32, fn)
