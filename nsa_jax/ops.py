@@ -279,7 +279,7 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, backend: str = "auto",
     row with <= k valid keys returns all of them); NaN ranks as -inf. On ties at the
     threshold the lowest key indices win on both backends. Order within the k: xla,
     descending by value; pallas, deterministic (thread-major) but unspecified unless
-    ``ascending`` (a row with <= k valid keys: ascending, then -1).
+    ``ascending`` (rows of S <= 32768 keys with <= k valid keys: ascending, then -1).
   """
   fn = "topk_indices"
   expect("logits", logits, (None, None), _F32, fn)
