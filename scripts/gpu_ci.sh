@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU CI: the gpu-marked tests and a short benchmark smoke, with the packages already on the
-# CUDA machine (the H100 image has jax 0.11.2 + CUDA 13 plugin, flax, numpy, pytest).
+# CUDA machine (the Hopper image has jax 0.11.2 + CUDA 13 plugin, flax, numpy, pytest).
 # Usage: bash scripts/gpu_ci.sh [OUT_DIR]      (exits non-zero on any failure)
 set -euo pipefail
 cd "$(dirname "$0")/.."

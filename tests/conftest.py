@@ -22,7 +22,7 @@ def _has_gpu() -> bool:
 def pytest_collection_modifyitems(config, items):
   if _has_gpu():
     return
-  skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_ci.sh on the H100)")
+  skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_ci.sh on a Hopper GPU)")
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
