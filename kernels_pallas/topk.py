@@ -205,12 +205,13 @@ def _emit_segment(ks, ke, x, cidx, out_idx, out_val, keys, hist, misc, s_idx, r_
       m.for_range(t, m.c(k), nt, [], few)
     go = m.sgt(n, m.c(k))
   else:
-    go = m.sgt(m.c(seg), m.c(0))   # always
+    # Segments and merges keep their <= k valid keys through the general path (with values).
+    go = m.sgt(m.c(seg), m.c(0))
 
   with m.when(go):
     _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
                  misc_p, oi_p, ov_p, out_slot, S=S, k=k, cfg=cfg, direct=direct,
-                 vec_in=vec_in if direct else (4 if S % 4 == 0 else 1))
+                 vec_in=vec_in)
 
 
 def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
