@@ -141,8 +141,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--extend", default="256,384,128", metavar="N,N,...",
                  help="new tokens per request in the second, ragged prefill")
   g.add_argument("--decode-steps", type=int, default=8, help="decode steps after the prefills")
-  g.add_argument("--next-n", type=int, default=1, choices=(1, 2),
-                 help="new tokens per request per decode step (2: speculative decoding)")
+  g.add_argument("--next-n", type=int, default=1, choices=(1, 2, 3, 4),
+                 help="new tokens per request per decode step (2-4: speculative decoding)")
   g = p.add_argument_group("execution")
   g.add_argument("--backend", default="auto", choices=("auto", "pallas", "xla"),
                  help="kernels: auto = Pallas on a GPU, xla elsewhere; pallas needs a GPU")

@@ -15,7 +15,7 @@ Two entry points, both pure functions of (module, inputs, cache) -> (indices, ne
 - :meth:`Indexer.prefill`: a ragged batch (``nsa_jax.build_ragged_batch``); the new keys are
   written into the paged cache, every request's keys (cached prefix + new) are gathered into
   the packed key axis, and ``prefill_topk`` selects under the cached memory budget.
-- :meth:`Indexer.decode`: ``next_n`` (1 or 2) new tokens per request; keys written, then the
+- :meth:`Indexer.decode`: ``next_n`` (1..4) new tokens per request; keys written, then the
   paged logits over each request's context and its top-k.
 
 Everything that looks at values (lengths, block tables) happens on the host, in
@@ -357,7 +357,8 @@ class Indexer(nnx.Module):
 
   def decode(self, x: jax.Array, qr: jax.Array, inputs: DecodeInputs, cache: IndexKCache, *,
              output: str = "slots", backend: str = "auto", interpret: bool = False):
-    """Decode step: ``next_n`` new tokens per request (1, or 2 with speculative decoding).
+    """Decode step: ``next_n`` new tokens per request (1, or up to 4 with speculative
+    decoding; 1..4 is ``ops.MAX_NEXT_N``, the tested range).
 
     Args:
       x: float [B_pad * next_n, dim], request-major (row b * next_n + t is token t of b).
@@ -389,6 +390,7 @@ class Indexer(nnx.Module):
       raise ValueError(f"{fn}: x must have B_pad * next_n rows with B_pad={B} (from "
                        f"inputs.context_lens), got {describe(x)}")
     n, c = rows // B, self.config
+    ops.check_next_n(fn, f"x of {rows} rows for B_pad={B} (from inputs.context_lens)", n)
     ctx, tables = inputs.context_lens, inputs.block_tables
     max_pages = tables.shape[1]
     L = max_pages * PAGE_SIZE

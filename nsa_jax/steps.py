@@ -173,7 +173,8 @@ class IndexerSteps:
     """Jitted :meth:`Indexer.decode <nsa_jax.Indexer.decode>`; donates ``cache``.
 
     Args:
-      x: float [B_pad * next_n, dim]; qr: float [B_pad * next_n, q_lora_rank], request-major.
+      x: float [B_pad * next_n, dim]; qr: float [B_pad * next_n, q_lora_rank], request-major;
+        next_n in 1..4 (speculative decoding; the tested range).
       inputs: :class:`~nsa_jax.indexer.DecodeInputs` from ``decode_inputs`` (B_pad rows).
       cache: the :class:`~nsa_jax.IndexKCache` (donated).
       output: "slots" | "positions" | "keys".

@@ -59,7 +59,8 @@ def paged_topk_slots(logits, context_lens, block_tables, *, next_n: int, k: int 
       be 0.
     block_tables: int32 [B, max_pages]; entries past a request's last page are never read
       for a chosen token.
-    next_n: static number of query tokens per request (1, or 2 with speculative decoding).
+    next_n: static number of query tokens per request, in 1..4 (``ops.MAX_NEXT_N``, the
+      tested range): 1, or up to 4 with speculative decoding.
     k: static top-k count (DeepSeek-V3.2: 2048).
     num_pages: static cache size; when given, tokens on a page id outside [0, num_pages)
       (their logits are -inf) come back as -1 instead of a slot (an error in checking mode).
@@ -77,6 +78,7 @@ def paged_topk_slots(logits, context_lens, block_tables, *, next_n: int, k: int 
   B = context_lens.shape[0]
   expect("block_tables", block_tables, (B, None), _I32, fn)
   next_n = static_int(fn, "next_n", next_n, 1)
+  ops.check_next_n(fn, "the next_n argument", next_n)
   if logits.shape[0] != B * next_n:
     raise ValueError(f"{fn}: logits must have B * next_n = {B * next_n} rows, got "
                      f"{list(logits.shape)}")

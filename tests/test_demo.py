@@ -97,7 +97,7 @@ BAD_FLAGS = [
     (["--decode-steps", "-1"], 2, "--decode-steps must be an int >= 0"),
     (["--bucket", "-3"], 2, "--bucket must be an int >= 0"),
     (["--budget-bytes", "0"], 2, "--budget-bytes must be an int >= 1"),
-    (["--next-n", "3"], 2, "invalid choice: 3"),
+    (["--next-n", "5"], 2, "invalid choice: 5"),
     (["--prefix", "1,2"], 2, "must name the same number of requests, got 2 and 3"),
     (["--prefix", "1,-2,3"], 2, "--prefix must be comma-separated ints >= 0"),
     (["--extend", "a,b"], 2, "--extend must be comma-separated ints >= 0"),

@@ -315,8 +315,12 @@ def test_prefix_prefill_equals_single_prefill(small_steps):
     assert set(got[i_got].tolist()) == set(ref[i_ref].tolist()), (i_got, i_ref)
 
 
-@pytest.mark.parametrize("next_n", [1, 2])
-def test_decode_after_prefill_matches_full_prefill(small_steps, next_n):
+@pytest.mark.parametrize("next_n,decode_backend", [(1, "xla"), (2, "xla"), (3, "xla"),
+                                                    (3, "interpret")])
+def test_decode_after_prefill_matches_full_prefill(small_module, small_steps, next_n,
+                                                   decode_backend):
+  """Decode steps select what one full prefill selects for the same tokens; next_n = 3 on
+  the interpret-mode kernels runs paged_mqa_logits as kernel calls on query groups (2 + 1)."""
   cfg, m = SMALL, small_steps
   rng = np.random.default_rng(6 + next_n)
   total = [150, 97, 70]
@@ -337,13 +341,14 @@ def test_decode_after_prefill_matches_full_prefill(small_steps, next_n):
   ref_slots = np.asarray(ref_slots)
   starts = np.concatenate([[0], np.cumsum(total)[:-1]])
 
-  runner = m
+  runner = m if decode_backend == "xla" else IndexerSteps(small_module, backend="pallas",
+                                                          interpret=True)
   before = runner.cache_sizes()
   b = ragged(prompt, [0] * 3)
   cache = nsa_jax.IndexKCache.create(P, cfg.head_dim)
-  _, cache = runner.prefill(pack([x[:p] for x, p in zip(xs, prompt)], b.T_pad, cfg.dim),
-                            pack([q[:p] for q, p in zip(qs, prompt)], b.T_pad, cfg.q_lora_rank),
-                            prefill_inputs(b, tables), cache)
+  _, cache = m.prefill(pack([x[:p] for x, p in zip(xs, prompt)], b.T_pad, cfg.dim),
+                       pack([q[:p] for q, p in zip(qs, prompt)], b.T_pad, cfg.q_lora_rank),
+                       prefill_inputs(b, tables), cache)
   for s in range(steps):
     ctx = [p + (s + 1) * next_n for p in prompt]
     d = decode_inputs(ctx, tables, num_pages=P)
@@ -358,7 +363,10 @@ def test_decode_after_prefill_matches_full_prefill(small_steps, next_n):
     for r, (b_, p) in enumerate(rows):
       assert set(got[r].tolist()) == set(ref_slots[starts[b_] + p].tolist()), (s, b_, p)
     assert (got[len(rows):] == -1).all()
-  assert runner.cache_sizes()["decode"] <= before["decode"] + 1, "decode steps: one compile"
+  if decode_backend == "xla":
+    # (Interpret mode is left out: its decode program compiled twice over two identical
+    # steps here, for next_n = 2 as well, with the same argument shardings and layouts.)
+    assert runner.cache_sizes()["decode"] <= before["decode"] + 1, "decode steps: one compile"
 
 
 # --------------------------------------------------------------------------- jit and budget
@@ -503,6 +511,11 @@ def test_argument_errors(small_module):
   with pytest.raises(ValueError, match="B_pad \\* next_n rows"):
     d = decode_inputs([10], tables)
     m.decode(jnp.zeros((0, cfg.dim)), jnp.zeros((0, cfg.q_lora_rank)), d, cache)
+  d = decode_inputs([10], tables)
+  B_pad = d.context_lens.shape[0]
+  with pytest.raises(ValueError, match=r"^Indexer.decode: next_n must be in 1\.\.4 \(the tested "
+                     rf"range\), got next_n=5 from x of {5 * B_pad} rows for B_pad={B_pad}"):
+    m.decode(jnp.zeros((5 * B_pad, cfg.dim)), jnp.zeros((5 * B_pad, cfg.q_lora_rank)), d, cache)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -40,7 +40,7 @@ def _kernel(p, config=None, clean_logits=True, races=False):
                                  config=config)
 
 
-@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("next_n", [1, 2, 3, 4])
 @pytest.mark.parametrize("backend", ["reference", "xla", "interpret"])
 def test_paged_matches_float64(next_n, backend):
   rng = np.random.default_rng(10 + next_n)
@@ -69,6 +69,64 @@ def test_paged_bad_pages_are_masked():
   out = np.asarray(_call(p, "xla"))
   assert np.isfinite(out[0, :64]).all() and np.isneginf(out[0, 64:128]).all()
   assert np.isfinite(out[0, 128:130]).all()
+
+
+def test_next_n_groups_give_the_causal_masks():
+  """The algebra of ops' next_n > 2 composition, exhaustively over small contexts: a kernel
+  call of g query tokens with context ctx' = max(ctx - n + t0 + g, 0) lets its query u see
+  p < ctx' and p <= ctx' - g + u (the kernel's rule); that must be query t0 + u's set
+  p < ctx and p <= ctx - n + t0 + u, including ctx < n and ctx' = 0 (no valid key)."""
+  from nsa_jax import ops
+  p = np.arange(200)
+  for H in (16, 32, 64, 128):
+    for n in range(1, ops.MAX_NEXT_N + 1):
+      groups, why = ops.paged_kernel_groups(n, H, 128)
+      assert why is None
+      assert [t0 for t0, _ in groups] == list(np.cumsum([0] + [g for _, g in groups])[:-1])
+      assert sum(g for _, g in groups) == n and all(g * H <= 128 and g <= 2 for _, g in groups)
+      assert len(groups) == (1 if n * H <= 128 and n <= 2 else -(-n // (2 if H <= 64 else 1)))
+      for ctx in range(0, 140):
+        for t0, g in groups:
+          ctx_g = max(ctx - n + t0 + g, 0)
+          for u in range(g):
+            kernel_mask = (p < ctx_g) & (p <= ctx_g - g + u)
+            want = (p < ctx) & (p <= ctx - n + t0 + u)
+            np.testing.assert_array_equal(kernel_mask, want, err_msg=f"{n=} {H=} {ctx=} {t0=}")
+  assert ops.paged_kernel_groups(3, 24, 128)[1] is not None
+  assert ops.paged_kernel_groups(4, 64, 64)[1] is not None
+
+
+@pytest.mark.parametrize("next_n,lens,H,L", [
+    (3, [2], 32, None),                 # B = 1, context shorter than next_n
+    (3, [3, 64, 129], 64, 200),         # context == next_n, a page edge, one past it
+    (4, [1], 16, 64),                   # B = 1, a one-token context in a one-page row
+    (4, [0, 65, 128], 32, 130),         # an empty row, page edges, width not a page multiple
+    (3, [2, 63, 130], 128, None),       # H = 128: groups of one query token
+])
+def test_composed_next_n_kernel_matches_float64(next_n, lens, H, L):
+  """next_n > 2 through the Pallas kernel (interpret mode) in groups of <= 2 query tokens:
+  exact -inf pattern and values against the float64 oracle, rows interleaved as b * n + t."""
+  rng = np.random.default_rng(100 + next_n + len(lens))
+  p = paged_problem(rng, lens, next_n=next_n, H=H, max_context_len=L)
+  out = _call(p, "pallas", interpret=True)
+  ref = paged_mqa_logits_np(p)
+  assert out.shape == ref.shape == (len(lens) * next_n, p["max_context_len"])
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+  # Valid values as well with unclean logits (the -inf entries are unspecified there).
+  unclean = np.asarray(_call(p, "pallas", interpret=True, clean_logits=False))
+  valid = ~np.isneginf(ref)
+  assert calc_diff(np.where(valid, unclean, 0.0), np.where(valid, ref, 0.0)) < 5e-6
+
+
+def test_next_n_above_the_tested_range_is_refused():
+  rng = np.random.default_rng(4)
+  p = paged_problem(rng, [10, 70], next_n=5, H=16)
+  for backend in ("xla", "pallas"):
+    with pytest.raises(ValueError, match=r"^paged_mqa_logits: next_n must be in 1\.\.4 "
+                       r"\(the tested range\), got next_n=5 from q_fp8 \[B, next_n, H, D\] = "
+                       r"\[2, 5, 16, 128\]$"):
+      _call(p, backend, interpret=backend == "pallas")
 
 
 # --------------------------------------------------------------------------- Pallas kernel
@@ -140,6 +198,9 @@ def test_unsupported_shapes():
   p = paged_problem(rng, [10], next_n=1, H=24)
   with pytest.raises(ValueError, match="does not support"):
     _call(p, "pallas", interpret=True)
+  p = paged_problem(rng, [10], next_n=3, H=24)
+  with pytest.raises(ValueError, match=r"does not support this input: .*next_n=3 .*H=24"):
+    _call(p, "pallas", interpret=True)
 
 
 def test_default_config_fills_the_gpu():
@@ -167,6 +228,25 @@ def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits):
   f = lambda *a: kernel.paged_mqa_logits(*a, max_context_len=L, clean_logits=clean_logits)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("next_n,H", [(4, 64), (3, 128)])
+def test_composed_next_n_cross_lowers_to_cuda(next_n, H):
+  """ops' next_n > 2 path (kernel calls on groups of query tokens, then the row interleave)
+  lowers for CUDA as a whole: one Mosaic GPU call per group."""
+  from nsa_jax import ops
+  from nsa_jax.cache import IndexKCache
+  B, D, P, L = 8, 128, 5000, 8192
+  f8, f32, i32 = jnp.float8_e4m3fn, jnp.float32, jnp.int32
+  groups = ops.paged_kernel_groups(next_n, H, D)[0]
+  args = (jax.ShapeDtypeStruct((B, next_n, H, D), f8), jax.ShapeDtypeStruct((P, 64, D), f8),
+          jax.ShapeDtypeStruct((P, 64), f32), jax.ShapeDtypeStruct((B * next_n, H), f32),
+          jax.ShapeDtypeStruct((B,), i32), jax.ShapeDtypeStruct((B, L // 64), i32))
+  f = lambda q, k, s, w, c, t: ops._paged_pallas(
+      q, IndexKCache(k, s), w, c, t, groups=groups, max_context_len=L, clean_logits=True,
+      interpret=False)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= len(groups) > 1
 
 
 # --------------------------------------------------------------------------- GPU
@@ -219,7 +299,7 @@ def test_device_problem_interpret():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("next_n", [1, 2])
+@pytest.mark.parametrize("next_n", [1, 2, 3, 4])  # 3, 4: kernel calls on groups of <= 2
 @pytest.mark.parametrize("avg", [4096, 16384, 65536])
 @pytest.mark.parametrize("B", [1, 64, 128])
 def test_gpu_matches_reference(B, avg, next_n):

@@ -26,9 +26,19 @@ def _slots_np(logits, context_lens, tables, next_n, k):
 def test_decode_key_range():
   ke = np.asarray(decode_key_range(jnp.asarray([5, 0, 300], jnp.int32), 2, 256))
   np.testing.assert_array_equal(ke, [4, 5, 0, 0, 256, 256])
+  ke = np.asarray(decode_key_range(jnp.asarray([5, 2, 300], jnp.int32), 4, 256))
+  np.testing.assert_array_equal(ke, [2, 3, 4, 5, 0, 0, 1, 2, 256, 256, 256, 256])
 
 
-@pytest.mark.parametrize("next_n", [1, 2])
+def test_paged_topk_slots_next_n_range():
+  logits = jnp.zeros((5, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"^paged_topk_slots: next_n must be in 1\.\.4 \(the "
+                     r"tested range\), got next_n=5 from the next_n argument$"):
+    paged_topk_slots(logits, jnp.asarray([10], jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                     next_n=5, backend="xla")
+
+
+@pytest.mark.parametrize("next_n", [1, 2, 3, 4])
 @pytest.mark.parametrize("backend", ["xla", "interpret"])
 def test_paged_topk_slots(next_n, backend):
   rng = np.random.default_rng(next_n)
