@@ -14,7 +14,13 @@ assert jax.default_backend() == "gpu", f"gpu_ci.sh needs a CUDA GPU, jax sees {j
 print("jax", jax.__version__, jax.devices())
 PY
 set -o pipefail
-"$PY" -m pytest -m gpu -p no:cacheprovider -q -ra tests 2>&1 | tee "$OUT/gpu_tests.log"
+# -v prints each test's verdict as it finishes, so a run cut short still says which failed;
+# tests run in parallel when pytest-xdist is there (about 3x faster on one GPU), with
+# XLA_PYTHON_CLIENT_PREALLOCATE=false so that the workers share the GPU's memory.
+PAR=()
+if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n "${GPU_CI_WORKERS:-6}"); fi
+XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -m gpu -p no:cacheprovider -v -rA \
+  "${PAR[@]}" tests 2>&1 | tee "$OUT/gpu_tests.log"
 for b in benchmarks/bench_*.py; do
   [ -e "$b" ] || continue
   "$PY" "$b" --smoke --out "$OUT" 2>&1 | tee -a "$OUT/bench_smoke.log"
