@@ -20,7 +20,7 @@ set -o pipefail
 PAR=()
 if "$PY" -c "import xdist" 2>/dev/null; then PAR=(-n "${GPU_CI_WORKERS:-6}"); fi
 XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -m gpu -p no:cacheprovider -v -rA \
-  "${PAR[@]}" tests 2>&1 | tee "$OUT/gpu_tests.log"
+  ${PAR[@]+"${PAR[@]}"} tests 2>&1 | tee "$OUT/gpu_tests.log"
 for b in benchmarks/bench_*.py; do
   [ -e "$b" ] || continue
   "$PY" "$b" --smoke --out "$OUT" 2>&1 | tee -a "$OUT/bench_smoke.log"
