@@ -274,6 +274,29 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
   if cfg.stop_after == 1:
     return
 
+  def block_scan(x, from_top):
+    """(exclusive scan, block total) of one i32 per thread over the block, in thread order
+    (``from_top``: the sum over higher threads, a suffix scan): warp shuffles, then the
+    per-warp totals through shared memory (one barrier)."""
+    incl = x
+    for d in (1, 2, 4, 8, 16):
+      if from_top:
+        y = m.shfl_down(incl, d)
+        incl = m.select(m.slt(m.add(lane, m.c(d)), m.c(32)), m.add(incl, y), incl)
+      else:
+        y = m.shfl_up(incl, d)
+        incl = m.select(m.sge(lane, m.c(d)), m.add(incl, y), incl)
+    m.st_shared(m.gep(misc_p, m.add(m.c(_WTOT), warp)), incl,
+                pred=m.eq(lane, m.c(0 if from_top else 31)))
+    m.barrier()
+    total, other = m.c(0), m.c(0)
+    for w in range(nw):
+      tw = m.ld_shared(m.gep(misc_p, m.c(_WTOT + w)))
+      total = m.add(total, tw)
+      past = m.sgt(m.c(w), warp) if from_top else m.slt(m.c(w), warp)
+      other = m.add(other, m.select(past, tw, m.c(0)))
+    return m.add(other, m.sub(incl, x)), total
+
   # 2. Select: one pass per digit while the bucket of the k-th key is not exact.
   def scan(buf, nbins, krem, zero_next):
     """(bucket, keys above it, keys in it, total) for the k_rem-th largest of hist[buf]."""
@@ -283,18 +306,7 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     own = hs[0]
     for h in hs[1:]:
       own = m.add(own, h)
-    suf = own                                            # inclusive suffix sum in the warp
-    for d in (1, 2, 4, 8, 16):
-      y = m.shfl_down(suf, d)
-      suf = m.select(m.slt(m.add(lane, m.c(d)), m.c(32)), m.add(suf, y), suf)
-    m.st_shared(m.gep(misc_p, m.add(m.c(_WTOT), warp)), suf, pred=m.eq(lane, m.c(0)))
-    m.barrier()
-    total, later = m.c(0), m.c(0)
-    for w in range(nw):
-      tw = m.ld_shared(m.gep(misc_p, m.c(_WTOT + w)))
-      total = m.add(total, tw)
-      later = m.add(later, m.select(m.sgt(m.c(w), warp), tw, m.c(0)))
-    above = m.add(later, m.sub(suf, own))
+    above, total = block_scan(own, from_top=True)
     for j in reversed(range(bpt)):
       h = hs[j]
       hit = m.land(m.slt(above, krem), m.sle(krem, m.add(above, h)))
@@ -372,9 +384,9 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     """Whether key (vc, e) is in the top-k; ``ties``: the index prefix (M2, P2) is in play
     (else every key of the final bucket is chosen, and no index is needed)."""
     km = m.band(key, M1)
-    above = m.ugt(km, P1)
     if not ties:
       return m.land(p, m.land(m.ne(key, m.c(0)), m.uge(km, P1)))
+    above = m.ugt(km, P1)
     at = m.land(p, m.land(m.ne(key, m.c(0)), m.eq(km, P1)))
     tie_ok = m.uge(m.band(tied_nidx(vc, e, at), M2), P2)
     return m.land(p, m.land(m.ne(key, m.c(0)), m.lor(above, m.land(at, tie_ok))))
@@ -396,18 +408,7 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     return vec_loop(cfg.pass_unroll, [m.c(0)], body)
 
   (mine,) = uniform(count, [m.c(0)])
-  incl = mine
-  for d in (1, 2, 4, 8, 16):
-    y = m.shfl_up(incl, d)
-    incl = m.select(m.sge(lane, m.c(d)), m.add(incl, y), incl)
-  m.st_shared(m.gep(misc_p, m.add(m.c(_WTOT), warp)), incl, pred=m.eq(lane, m.c(31)))
-  m.barrier()
-  n_sel, before = m.c(0), m.c(0)
-  for w in range(nw):
-    tw = m.ld_shared(m.gep(misc_p, m.c(_WTOT + w)))
-    n_sel = m.add(n_sel, tw)
-    before = m.add(before, m.select(m.slt(m.c(w), warp), tw, m.c(0)))
-  start = m.add(before, m.sub(incl, mine))
+  start, n_sel = block_scan(mine, from_top=False)
   if cfg.stop_after == 4:
     return
 

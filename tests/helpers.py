@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nsa_jax.quant import act_quant, dequant
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileCounter:
+  """Backend compiles (jax's monitoring event) from the moment it is made: ``.n``."""
+
+  def __init__(self):
+    self.n = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on)
+
+  def _on(self, event, duration, **kw):
+    if event == COMPILE_EVENT:
+      self.n += 1
+
+
+@contextlib.contextmanager
+def count_compiles():
+  """Yields a list that collects one entry per XLA backend compile inside the block."""
+  events = []
+
+  def listener(name, _secs, **_kw):
+    if name == COMPILE_EVENT:
+      events.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def calc_diff(x, y) -> float:

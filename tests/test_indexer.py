@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import nsa_jax
-from helpers import assert_same_inf_pattern, calc_diff
+from helpers import CompileCounter, assert_same_inf_pattern, calc_diff
 from nsa_jax.indexer import (DecodeInputs, Indexer, IndexerConfig, IndexerSteps, PrefillInputs,
                              allocate_block_tables, decode_inputs, prefill_inputs)
 
@@ -370,16 +370,6 @@ def test_decode_after_prefill_matches_full_prefill(small_module, small_steps, ne
 
 
 # --------------------------------------------------------------------------- jit and budget
-
-class CompileCounter:
-  def __init__(self):
-    self.n = 0
-    jax.monitoring.register_event_duration_secs_listener(self._on)
-
-  def _on(self, event, duration, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-      self.n += 1
-
 
 _COUNTER = CompileCounter()
 

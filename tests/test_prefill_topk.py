@@ -1,7 +1,5 @@
 """prefill_topk: chunked == unchunked, traceable, no per-call queries or compiles, bounded memory."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -11,25 +9,9 @@ import pytest
 import nsa_jax
 from nsa_jax import budget, ops
 from nsa_jax.batch import build_ragged_batch
+from tests.helpers import count_compiles
 
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 KiB, GiB = 2 ** 10, 2 ** 30
-
-
-@contextlib.contextmanager
-def count_compiles():
-  """Yields a list that collects one entry per XLA backend compile inside the block."""
-  events = []
-
-  def listener(name, _secs, **_kw):
-    if name == COMPILE_EVENT:
-      events.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def ragged_inputs(rng, ext, pre, *, H=4, D=128, **buckets):

@@ -18,25 +18,14 @@ from nsa_jax import budget
 from nsa_jax.config import IndexerConfig
 from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs
 from nsa_jax.steps import IndexerSteps
+from tests.helpers import CompileCounter
 
 # Tiny shapes of their own: the programs here are cheap to compile on the CI CPU.
 CFG = IndexerConfig(dim=64, q_lora_rank=32, n_heads=4, head_dim=32, topk=16, rope_head_dim=16)
 LAYERS = 3
 
 
-class Counter:
-  """Backend compiles (jax's monitoring event) from the moment it is made."""
-
-  def __init__(self):
-    self.n = 0
-    jax.monitoring.register_event_duration_secs_listener(self._on)
-
-  def _on(self, event, duration, **kw):
-    if event == "/jax/core/compile/backend_compile_duration":
-      self.n += 1
-
-
-COMPILES = Counter()
+COMPILES = CompileCounter()
 
 
 def bf16(rng, *shape):
