@@ -105,7 +105,9 @@ def topk_rows(args, on_gpu):
     T, S, causal = parse_shape(shape)
     x, ks, ke = logits_case(T, S, causal)
     row = dict(shape=shape, k=K, levels="+".join(
-        f"{-(-n // c.segment)}x{c.segment}/{c.warpgroups}wg" for n, c in kernel.plan(T, S, K)))
+        (f"stream/{c.segment}c/{c.warpgroups}wg" if c.stream
+         else f"{-(-n // c.segment)}x{c.segment}/{c.warpgroups}wg")
+        for n, c in kernel.plan(T, S, K)))
     for name, mod in impls:
       fn = lambda a, b, c, mod=mod: mod.topk_indices(a, b, c, k=K, interpret=not on_gpu,
                                                      ascending=args.ascending)

@@ -155,6 +155,23 @@ def shfl_up(x, d: int):
   return nvvm.shfl_sync(c(-1), x, c(d), c(0), nvvm.ShflKind.up)
 
 
+def ballot(p):
+  """The warp's lanes where the i1 ``p`` holds, as a 32-bit mask; every lane of the warp must
+  reach it (``vote.sync`` with a full member mask)."""
+  return mu.inline_ptx(
+      "{ .reg .pred q; setp.ne.b32 q, $1, 0; vote.sync.ballot.b32 $0, q, 0xffffffff; }",
+      as_i32(p), result_types=i32(), has_side_effects=True, convergent=True)
+
+
+def popc(x):
+  return mu.inline_ptx("popc.b32 $0, $1;", x, result_types=i32())
+
+
+def lanemask_lt():
+  """The lanes below this one, as a 32-bit mask."""
+  return mu.inline_ptx("mov.u32 $0, %lanemask_lt;", result_types=i32())
+
+
 
 
 

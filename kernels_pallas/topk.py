@@ -57,10 +57,18 @@ from kernels_pallas import _mlir as m
 
 _SEGMENT_MAX = 32768          # keys a CTA holds in shared memory (128 KB)
 _HIST = 2048                  # bins of an 11-bit digit
+# Streaming rows (TopKConfig.stream): candidates held in shared memory, and the fewest rows
+# for which streaming beats segments plus a merge. H200 kernel times (benchmarks/NOTES.md):
+# 8192 x 65536 1.71 ms streamed (8192 candidates, 256 threads) vs 2.16 as segments + merge;
+# 128 x 131072 0.065 (512 threads) vs 0.094; 64 x 131072 0.055 vs 0.049; 32 x 65536 0.029
+# vs 0.026. 4096 candidates measured 2% faster at 8192 rows but leave less room for crowded
+# buckets (k = 2048 needs at least ~3000); 512 threads win below ~1024 rows (more warps in
+# flight per row when the GPU has few rows), 256 above.
+_STREAM_CANDIDATES, _STREAM_MIN_ROWS, _STREAM_WIDE_BELOW = 8192, 128, 1024
 # (shift, bits) of the three digits of a 32-bit key, most significant first.
 _DIGITS = ((21, 11), (10, 11), (0, 10))
-# misc scratch (int32 words): per-warp scan totals, then the scan's result.
-_WTOT, _RES, _MISC = 0, 32, 40
+# misc scratch (int32 words): per-warp scan totals, the scan's result, the stream's overflow flag.
+_WTOT, _RES, _FLAG, _MISC = 0, 32, 36, 40
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -83,6 +91,9 @@ class TopKConfig:
     pass_unroll: shared-memory vectors a thread handles per step of the other sweeps.
     stop_after: profiling only: 0 runs everything; 1-4 stop after the load, the first scan,
       the digit passes or the count (the output is then left unwritten).
+    stream: one CTA per row of any length, read twice from global memory (see
+      ``_emit_stream``); ``segment`` is then the shared-memory capacity for the candidates
+      (keys at or above the k-th key's top-digit bucket), a multiple of 4 x threads.
   """
 
   segment: int
@@ -90,6 +101,7 @@ class TopKConfig:
   load_unroll: int = 8
   pass_unroll: int = 4
   stop_after: int = 0
+  stream: bool = False
 
   def __post_init__(self):
     if self.segment < 4 or self.segment % 4 or self.segment > _SEGMENT_MAX:
@@ -97,6 +109,9 @@ class TopKConfig:
                        f"{self.segment}")
     if self.warpgroups not in (1, 2, 4):
       raise ValueError(f"warpgroups must be 1, 2 or 4, got {self.warpgroups}")
+    if self.stream and self.segment % (4 * self.threads):
+      raise ValueError(f"a streaming config needs segment a multiple of {4 * self.threads}, "
+                       f"got {self.segment}")
 
   @property
   def threads(self) -> int:
@@ -118,7 +133,14 @@ class TopKConfig:
 
 def plan(rows: int, num_keys: int, k: int) -> list[tuple[int, TopKConfig]]:
   """The launches for rows of ``num_keys`` keys: [(keys per row, config)], the first reading
-  logits, each later one the previous one's candidates (segments x k of them)."""
+  logits, each later one the previous one's candidates (segments x k of them).
+
+  Rows longer than a CTA's shared memory stream through one CTA each (two reads of the row,
+  no merge) when there are enough rows to fill the GPU; few long rows (decode) split into
+  segments, which gives one row several SMs."""
+  if num_keys > _SEGMENT_MAX and rows >= _STREAM_MIN_ROWS and k * 4 <= _STREAM_CANDIDATES:
+    wg = 4 if rows < _STREAM_WIDE_BELOW else 2
+    return [(num_keys, TopKConfig(segment=_STREAM_CANDIDATES, warpgroups=wg, stream=True))]
   levels = []
   n = num_keys
   while True:
@@ -157,23 +179,19 @@ def _unsortable(key):
   return m.select(pos, m.band(key, m.c(0x7FFFFFFF)), m.bnot(key))
 
 
-def _emit_segment(ks, ke, x, cidx, out_idx, out_val, keys, hist, misc, s_idx, r_idx, *,
-                  S, k, cfg: TopKConfig, direct: bool, final: bool):
+def _emit_segment(ks, ke, x, cidx, out_idx, out_val, keys, cand_idx, hist, misc, s_idx, r_idx,
+                  *, S, k, cfg: TopKConfig, direct: bool, final: bool):
   """The whole per-segment select, as per-thread code (see the module docstring)."""
-  nt, seg = cfg.threads, cfg.segment
-  nw = nt // 32
+  nt = cfg.threads
+  seg = S if cfg.stream else cfg.segment
   nseg = _cdiv(S, seg)
-  vec_in = 4 if S % 4 == 0 else 1        # 16-byte global loads need 16-byte aligned rows
   t = m.thread_id()
-  lane = m.band(t, m.c(31))
-  warp = m.shr(t, 5)
   r, s = r_idx, s_idx
 
   x_p = m.global_ptr(x)
   ci_p = None if direct else m.global_ptr(cidx)
   oi_p = m.global_ptr(out_idx)
   ov_p = None if final else m.global_ptr(out_val)
-  keys_p, hist_p, misc_p = m.ptr(keys), m.ptr(hist), m.ptr(misc)
   row64 = m.mul(m.to_i64(r), m.c(S, m.i64()))          # row offset, in elements
   out_w = k if final else nseg * k
   obase64 = m.add(m.mul(m.to_i64(r), m.c(out_w, m.i64())),
@@ -209,26 +227,120 @@ def _emit_segment(ks, ke, x, cidx, out_idx, out_val, keys, hist, misc, s_idx, r_
     go = m.sgt(m.c(seg), m.c(0))
 
   with m.when(go):
-    _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
-                 misc_p, oi_p, ov_p, out_slot, S=S, k=k, cfg=cfg, direct=direct,
-                 vec_in=vec_in)
+    blk = _Block(t, nt, m.ptr(hist), m.ptr(misc), cfg)
+    glob = _global_source(blk, x_p, ci_p, row64, seg_lo, lo, hi, S=S, direct=direct)
+    out = (oi_p, ov_p, out_slot)
+    if cfg.stream:
+      _emit_stream(blk, glob, m.ptr(keys), m.ptr(cand_idx), out, k=k)
+    else:
+      _emit_select(blk, glob, m.ptr(keys), out, k=k)
 
 
-def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p, hist_p,
-                 misc_p, oi_p, ov_p, out_slot, *, S, k, cfg, direct, vec_in):
+class _Block:
+  """The block-wide pieces every sweep shares: thread ids, the two histogram buffers in shared
+  memory, vector loops over a source, and block scans."""
+
+  def __init__(self, t, nt, hist_p, misc_p, cfg):
+    self.t, self.nt, self.nw, self.cfg = t, nt, nt // 32, cfg
+    self.lane, self.warp = m.band(t, m.c(31)), m.shr(t, 5)
+    self.hist_p, self.misc_p = hist_p, misc_p
+
+  def hist_at(self, buf, d):
+    return m.gep(self.hist_p, m.add(m.c(buf * _HIST), d))
+
+  def zero_hist(self, buf):
+    for j in range(_HIST // self.nt):
+      m.st_shared(self.hist_at(buf, m.add(self.t, m.c(j * self.nt))), m.c(0))
+
+  def vec_loop(self, src, unroll, carry, body, *, warp_uniform=False):
+    """body(v_clamped, in_range, carry) -> carry for each of this thread's 4-key vectors of
+    ``src`` (thread t takes vectors v_lo + t + j * nt). ``warp_uniform``: every lane of a warp
+    runs the same iterations (lanes past the end see in_range false), for warp votes."""
+    nt = self.nt
+
+    def step(vb, c):
+      if warp_uniform:
+        vb = m.add(vb, self.lane)
+      vs = [m.add(vb, m.c(u * nt)) for u in range(unroll)]
+      ins = [m.slt(v, src.v_hi) for v in vs]
+      vcs = [m.select(p, v, src.v_lo) for v, p in zip(vs, ins)]
+      return body(vcs, ins, c)
+    first = m.shl(self.warp, 5) if warp_uniform else self.t
+    return m.for_range(m.add(src.v_lo, first), src.v_hi, nt * unroll, carry, step)
+
+  def block_scan(self, x, from_top):
+    """(exclusive scan, block total) of one i32 per thread over the block, in thread order
+    (``from_top``: the sum over higher threads, a suffix scan): warp shuffles, then the
+    per-warp totals through shared memory (one barrier)."""
+    lane, warp = self.lane, self.warp
+    incl = x
+    for d in (1, 2, 4, 8, 16):
+      if from_top:
+        y = m.shfl_down(incl, d)
+        incl = m.select(m.slt(m.add(lane, m.c(d)), m.c(32)), m.add(incl, y), incl)
+      else:
+        y = m.shfl_up(incl, d)
+        incl = m.select(m.sge(lane, m.c(d)), m.add(incl, y), incl)
+    m.st_shared(m.gep(self.misc_p, m.add(m.c(_WTOT), warp)), incl,
+                pred=m.eq(lane, m.c(0 if from_top else 31)))
+    m.barrier()
+    total, other = m.c(0), m.c(0)
+    for w in range(self.nw):
+      tw = m.ld_shared(m.gep(self.misc_p, m.c(_WTOT + w)))
+      total = m.add(total, tw)
+      past = m.sgt(m.c(w), warp) if from_top else m.slt(m.c(w), warp)
+      other = m.add(other, m.select(past, tw, m.c(0)))
+    return m.add(other, m.sub(incl, x)), total
+
+  def scan(self, buf, nbins, krem, zero_next):
+    """(bucket, keys above it, keys in it, total) for the k_rem-th largest of hist[buf]."""
+    t, misc_p = self.t, self.misc_p
+    bpt = nbins // self.nt
+    base = m.mul(t, m.c(bpt))
+    hs = [m.ld_shared(self.hist_at(buf, m.add(base, m.c(j)))) for j in range(bpt)]
+    own = hs[0]
+    for h in hs[1:]:
+      own = m.add(own, h)
+    above, total = self.block_scan(own, from_top=True)
+    for j in reversed(range(bpt)):
+      h = hs[j]
+      hit = m.land(m.slt(above, krem), m.sle(krem, m.add(above, h)))
+      m.st_shared(m.gep(misc_p, m.c(_RES)), m.add(base, m.c(j)), pred=hit)
+      m.st_shared(m.gep(misc_p, m.c(_RES + 1)), above, pred=hit)
+      m.st_shared(m.gep(misc_p, m.c(_RES + 2)), h, pred=hit)
+      above = m.add(above, h)
+    if zero_next is not None:
+      self.zero_hist(zero_next)
+    m.barrier()
+    res = [m.ld_shared(m.gep(misc_p, m.c(_RES + i))) for i in range(3)]
+    return res + [total]
+
+
+@dataclasses.dataclass
+class _Source:
+  """Where a sweep reads keys: 4-key vectors ``v_lo <= v < v_hi``; ``keys4(vc, p)`` the four
+  sortable keys of vector vc (0 where invalid or ``p`` is false); ``nidx(vc, e, need)`` the tie
+  order ~index of key (vc, e), read only where ``need``; ``index(vc, e, sel)`` its output
+  index, read only where ``sel``. Global sources also have ``raw(vc)``: the vector's loads,
+  issued before any of them is used (``keys4(vc, p, raw)`` then converts them)."""
+  v_lo: object
+  v_hi: object
+  keys4: object
+  nidx: object
+  index: object
+  raw: object = None
+
+
+def _global_source(blk, x_p, ci_p, row64, seg_lo, lo, hi, *, S, direct):
+  """Keys of this segment's part of [lo, hi), read from global memory (logits, or the
+  candidates of a merge level) and made sortable on the fly."""
+  vec_in = 4 if S % 4 == 0 else 1        # 16-byte global loads need 16-byte aligned rows
   v_lo = m.shr(m.sub(lo, seg_lo), 2)                    # 4-key vectors, segment-local
   # An empty range must not visit the vector holding lo: lo may lie past this segment.
   v_hi = m.select(m.sgt(hi, lo), m.shr(m.add(m.sub(hi, seg_lo), m.c(3)), 2), v_lo)
   n = m.sub(hi, lo)
 
-  def hist_at(buf, d):
-    return m.gep(hist_p, m.add(m.c(buf * _HIST), d))
-
-  def zero_hist(buf):
-    for j in range(_HIST // nt):
-      m.st_shared(hist_at(buf, m.add(t, m.c(j * nt))), m.c(0))
-
-  def load_global_vec(base_p, vc):
+  def load_vec(base_p, vc):
     """The 4 words of segment-local vector ``vc`` of a row of ``base_p`` (clamped in-row)."""
     pos = m.add(seg_lo, m.shl(vc, 2))
     if vec_in == 4:
@@ -239,117 +351,183 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
       out.append(m.ld_global(m.gep(base_p, m.add(row64, m.to_i64(pe)))))
     return out
 
-  def vec_loop(unroll, carry, body):
-    """body(v_clamped, in_range, carry) -> carry for each of this thread's vectors."""
-    def step(vb, c):
-      vs = [m.add(vb, m.c(u * nt)) for u in range(unroll)]
-      ins = [m.slt(v, v_hi) for v in vs]
-      vcs = [m.select(p, v, v_lo) for v, p in zip(vs, ins)]
-      return body(vcs, ins, c)
-    return m.for_range(m.add(v_lo, t), v_hi, nt * unroll, carry, step)
+  def pos_of(vc, e):
+    return m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
 
-  # 1. Load: keys to shared memory, histogram of the top digit.
-  zero_hist(0)
-  m.barrier()
+  def raw(vc):
+    return (load_vec(x_p, vc), None if direct else load_vec(ci_p, vc))
+
+  def keys4(vc, p, loaded=None):
+    vals, cid = raw(vc) if loaded is None else loaded
+    out = []
+    for e in range(4):
+      valid = m.land(p, m.ult(m.sub(pos_of(vc, e), lo), n))      # lo <= pos < hi
+      if not direct:
+        valid = m.land(valid, m.sge(cid[e], m.c(0)))
+      out.append(m.select(valid, _sortable(vals[e]), m.c(0)))
+    return out
+
+  def index(vc, e, sel):
+    pos = pos_of(vc, e)
+    if direct:
+      return pos
+    return m.ld_global_if(m.gep(ci_p, m.add(row64, m.to_i64(m.smin(pos, m.c(S - 1))))), sel)
+
+  def nidx(vc, e, need):
+    return m.bnot(index(vc, e, need))
+
+  return _Source(v_lo, v_hi, keys4, nidx, index, raw)
+
+
+def _smem_source(keys_p, v_lo, v_hi, index):
+  """Keys already sortable in shared memory (0 = no key), vectors [v_lo, v_hi)."""
+  def keys4(vc, p):
+    del p                                   # vc is clamped in range; p is tested by the sweeps
+    return list(m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))))
+  return _Source(v_lo, v_hi, keys4, lambda vc, e, need: m.bnot(index(vc, e, need)), index)
+
+
+def _first_state(k, scan0):
+  """The select's state (M1, P1, M2, P2, k_rem, done) after the top digit's scan."""
   sh0, bits0 = _DIGITS[0]
+  b0, above0, cnt0, total = scan0
+  few = m.sle(total, m.c(k))
+  krem0 = m.sub(m.c(k), above0)
+  zero = m.c(0)
+  return [m.select(few, zero, m.c(((1 << bits0) - 1) << sh0)),
+          m.select(few, zero, m.shl(b0, sh0)), zero, zero,
+          m.select(few, total, krem0),
+          m.lor(few, m.eq(cnt0, krem0))]
+
+
+def _emit_select(blk, glob, keys_p, out, *, k):
+  """A segment held in shared memory: one load sweep from global memory (keys to shared
+  memory, top-digit histogram), then every other sweep over shared memory."""
+  cfg = blk.cfg
+  sh0, _ = _DIGITS[0]
+  blk.zero_hist(0)
+  m.barrier()
 
   def load_body(vcs, ins, c):
-    raw = [load_global_vec(x_p, vc) for vc in vcs]       # all loads issued first
-    cid = [load_global_vec(ci_p, vc) for vc in vcs] if not direct else None
-    for u, (vc, p) in enumerate(zip(vcs, ins)):
-      kv = []
+    loaded = [glob.raw(vc) for vc in vcs]                 # all loads issued first
+    for vc, p, ld in zip(vcs, ins, loaded):
+      kv = glob.keys4(vc, p, ld)
       for e in range(4):
-        pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
-        valid = m.land(p, m.ult(m.sub(pos, lo), n))      # lo <= pos < hi
-        if not direct:
-          valid = m.land(valid, m.sge(cid[u][e], m.c(0)))
-        key = m.select(valid, _sortable(raw[u][e]), m.c(0))
-        kv.append(key)
-        m.red_shared_add(hist_at(0, m.shr(key, sh0)), m.c(1), pred=valid)
+        m.red_shared_add(blk.hist_at(0, m.shr(kv[e], sh0)), m.c(1), pred=m.ne(kv[e], m.c(0)))
       m.st_shared_v4(m.gep(keys_p, m.shl(vc, 2)), kv, p)
     return c
 
-  vec_loop(cfg.load_unroll, [], load_body)
+  blk.vec_loop(glob, cfg.load_unroll, [], load_body)
   m.barrier()
   if cfg.stop_after == 1:
     return
+  scan0 = blk.scan(0, _HIST, m.c(k), zero_next=1)
+  if cfg.stop_after == 2:
+    return
+  src = _smem_source(keys_p, glob.v_lo, glob.v_hi, glob.index)
+  _emit_tail(blk, src, _first_state(k, scan0), out, k=k)
 
-  def block_scan(x, from_top):
-    """(exclusive scan, block total) of one i32 per thread over the block, in thread order
-    (``from_top``: the sum over higher threads, a suffix scan): warp shuffles, then the
-    per-warp totals through shared memory (one barrier)."""
-    incl = x
-    for d in (1, 2, 4, 8, 16):
-      if from_top:
-        y = m.shfl_down(incl, d)
-        incl = m.select(m.slt(m.add(lane, m.c(d)), m.c(32)), m.add(incl, y), incl)
-      else:
-        y = m.shfl_up(incl, d)
-        incl = m.select(m.sge(lane, m.c(d)), m.add(incl, y), incl)
-    m.st_shared(m.gep(misc_p, m.add(m.c(_WTOT), warp)), incl,
-                pred=m.eq(lane, m.c(0 if from_top else 31)))
-    m.barrier()
-    total, other = m.c(0), m.c(0)
-    for w in range(nw):
-      tw = m.ld_shared(m.gep(misc_p, m.c(_WTOT + w)))
-      total = m.add(total, tw)
-      past = m.sgt(m.c(w), warp) if from_top else m.slt(m.c(w), warp)
-      other = m.add(other, m.select(past, tw, m.c(0)))
-    return m.add(other, m.sub(incl, x)), total
 
-  # 2. Select: one pass per digit while the bucket of the k-th key is not exact.
-  def scan(buf, nbins, krem, zero_next):
-    """(bucket, keys above it, keys in it, total) for the k_rem-th largest of hist[buf]."""
-    bpt = nbins // nt
-    base = m.mul(t, m.c(bpt))
-    hs = [m.ld_shared(hist_at(buf, m.add(base, m.c(j)))) for j in range(bpt)]
-    own = hs[0]
-    for h in hs[1:]:
-      own = m.add(own, h)
-    above, total = block_scan(own, from_top=True)
-    for j in reversed(range(bpt)):
-      h = hs[j]
-      hit = m.land(m.slt(above, krem), m.sle(krem, m.add(above, h)))
-      m.st_shared(m.gep(misc_p, m.c(_RES)), m.add(base, m.c(j)), pred=hit)
-      m.st_shared(m.gep(misc_p, m.c(_RES + 1)), above, pred=hit)
-      m.st_shared(m.gep(misc_p, m.c(_RES + 2)), h, pred=hit)
-      above = m.add(above, h)
-    if zero_next is not None:
-      zero_hist(zero_next)
-    m.barrier()
-    res = [m.ld_shared(m.gep(misc_p, m.c(_RES + i))) for i in range(3)]
-    return res + [total]
+def _emit_stream(blk, glob, keys_p, cid_p, out, *, k):
+  """A whole row streamed from global memory twice (``TopKConfig.stream``): a histogram
+  sweep of the top digit, then a sweep that compacts the keys at or above the k-th key's
+  bucket (k or a few thousand) into shared memory, where the rest of the select runs. Each
+  warp appends to its own region in lane order (ballots), so the candidates' places, and the
+  output's order, are deterministic. When they do not fit (a crowded bucket: ties, narrow
+  rows), the rest of the select reads the row from global memory instead."""
+  cfg, t, nt = blk.cfg, blk.t, blk.nt
+  cap = cfg.segment
+  per_warp = cap // blk.nw
+  sh0, _ = _DIGITS[0]
+  blk.zero_hist(0)
+  for j in range(cap // nt):
+    m.st_shared(m.gep(keys_p, m.add(t, m.c(j * nt))), m.c(0))
+  m.st_shared(m.gep(blk.misc_p, m.c(_FLAG)), m.c(0), pred=m.eq(t, m.c(0)))
+  m.barrier()
 
-  def tied_nidx(vc, e, need):
-    """~index of segment-local key (vc, e): the tie order (larger = lower index). Candidate
-    indices are read (from global memory) only where ``need`` holds."""
-    if direct:
-      return m.bnot(m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e))))
-    pe = m.smin(m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e))), m.c(S - 1))
-    return m.bnot(m.ld_global_if(m.gep(ci_p, m.add(row64, m.to_i64(pe))), need))
+  def hist_body(vcs, ins, c):
+    loaded = [glob.raw(vc) for vc in vcs]                 # all loads issued first
+    for vc, p, ld in zip(vcs, ins, loaded):
+      kv = glob.keys4(vc, p, ld)
+      for e in range(4):
+        m.red_shared_add(blk.hist_at(0, m.shr(kv[e], sh0)), m.c(1), pred=m.ne(kv[e], m.c(0)))
+    return c
+
+  blk.vec_loop(glob, cfg.load_unroll, [], hist_body)
+  m.barrier()
+  scan0 = blk.scan(0, _HIST, m.c(k), zero_next=1)
+  b0, above0, cnt0, _ = scan0
+  fits = m.sle(m.add(above0, cnt0), m.c(cap))
+  region = m.mul(blk.warp, m.c(per_warp))
+  below = m.lanemask_lt()
+
+  with m.when(fits):
+    def compact_body(vcs, ins, c):
+      (cnt,) = c
+      loaded = [glob.raw(vc) for vc in vcs]
+      for vc, p, ld in zip(vcs, ins, loaded):
+        kv = glob.keys4(vc, p, ld)
+        for e in range(4):
+          key = kv[e]
+          sel = m.land(m.ne(key, m.c(0)), m.uge(m.shr(key, sh0), b0))
+          votes = m.ballot(sel)
+          slot = m.add(cnt, m.popc(m.band(votes, below)))
+          ok = m.land(sel, m.slt(slot, m.c(per_warp)))
+          at = m.add(region, slot)
+          m.st_shared(m.gep(keys_p, at), key, pred=ok)
+          m.st_shared(m.gep(cid_p, at), glob.index(vc, e, ok), pred=ok)
+          cnt = m.add(cnt, m.popc(votes))
+      return [cnt]
+
+    (cnt,) = blk.vec_loop(glob, cfg.load_unroll, [m.c(0)], compact_body, warp_uniform=True)
+    m.st_shared(m.gep(blk.misc_p, m.c(_FLAG)), m.c(1),
+                pred=m.land(m.sgt(cnt, m.c(per_warp)), m.eq(blk.lane, m.c(0))))
+  m.barrier()
+  ok = m.land(fits, m.eq(m.ld_shared(m.gep(blk.misc_p, m.c(_FLAG))), m.c(0)))
+  state0 = _first_state(k, scan0)
+
+  def cand_index(vc, e, sel):
+    del sel
+    return m.ld_shared(m.gep(cid_p, m.add(m.shl(vc, 2), m.c(e))))
+
+  cand = _smem_source(keys_p, m.c(0), m.c(cap // 4), cand_index)
+
+  def tail(src):
+    _emit_tail(blk, src, state0, out, k=k)
+    return []
+
+  m.if_else(ok, lambda: tail(cand), lambda: tail(glob), [])
+
+
+def _emit_tail(blk, src, state, out, *, k):
+  """The select after the top digit's scan: the remaining digit passes (keys, then ~index for
+  ties) while the k-th key's bucket is not exact, then count, scan, write and -1 fill."""
+  cfg = blk.cfg
+  t, nt = blk.t, blk.nt
+  oi_p, ov_p, out_slot = out
 
   def digit_pass(state, on_idx, shift, bits, buf):
     M1, P1, M2, P2, krem, done = state
 
     def body(vcs, ins, c):
-      kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+      kvs = [src.keys4(vc, p) for vc, p in zip(vcs, ins)]
       for vc, p, kv in zip(vcs, ins, kvs):
         for e in range(4):
           key = kv[e]
           match = m.land(p, m.land(m.ne(key, m.c(0)), m.eq(m.band(key, M1), P1)))
           if on_idx:
-            ni = tied_nidx(vc, e, match)
+            ni = src.nidx(vc, e, match)
             match = m.land(match, m.eq(m.band(ni, M2), P2))
             val = ni
           else:
             val = key
           d = m.band(m.shr(val, shift), m.c((1 << bits) - 1))
-          m.red_shared_add(hist_at(buf, d), m.c(1), pred=match)
+          m.red_shared_add(blk.hist_at(buf, d), m.c(1), pred=match)
       return c
 
-    vec_loop(cfg.pass_unroll, [], body)
+    blk.vec_loop(src, cfg.pass_unroll, [], body)
     m.barrier()
-    b, above, cnt, _ = scan(buf, 1 << bits, krem, zero_next=1 - buf)
+    b, above, cnt, _ = blk.scan(buf, 1 << bits, krem, zero_next=1 - buf)
     mask = m.c(((1 << bits) - 1) << shift)
     pre = m.shl(b, shift)
     krem2 = m.sub(krem, above)
@@ -358,16 +536,6 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
       return [M1, P1, m.bor(M2, mask), m.bor(P2, pre), krem2, done2]
     return [m.bor(M1, mask), m.bor(P1, pre), M2, P2, krem2, done2]
 
-  b0, above0, cnt0, total = scan(0, 1 << bits0, m.c(k), zero_next=1)
-  if cfg.stop_after == 2:
-    return
-  few = m.sle(total, m.c(k))
-  krem0 = m.sub(m.c(k), above0)
-  zero = m.c(0)
-  state = [m.select(few, zero, m.c(((1 << bits0) - 1) << sh0)),
-           m.select(few, zero, m.shl(b0, sh0)), zero, zero,
-           m.select(few, total, krem0),
-           m.lor(few, m.eq(cnt0, krem0))]
   buf = 1
   for on_idx, (shift, bits) in [(False, d) for d in _DIGITS[1:]] + [(True, d) for d in _DIGITS]:
     st = state
@@ -388,7 +556,7 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
       return m.land(p, m.land(m.ne(key, m.c(0)), m.uge(km, P1)))
     above = m.ugt(km, P1)
     at = m.land(p, m.land(m.ne(key, m.c(0)), m.eq(km, P1)))
-    tie_ok = m.uge(m.band(tied_nidx(vc, e, at), M2), P2)
+    tie_ok = m.uge(m.band(src.nidx(vc, e, at), M2), P2)
     return m.land(p, m.land(m.ne(key, m.c(0)), m.lor(above, m.land(at, tie_ok))))
 
   def uniform(fn, carry):
@@ -396,41 +564,35 @@ def _emit_select(t, lane, warp, nt, nw, seg_lo, lo, hi, row64, x_p, ci_p, keys_p
     return m.if_else(m.eq(M2, m.c(0)), lambda: fn(False), lambda: fn(True),
                      [v.type for v in carry])
 
-  # 3. Write: count, one block-wide exclusive scan, then each thread's run of slots.
+  # Count, one block-wide exclusive scan, then each thread's run of output slots.
   def count(ties):
     def body(vcs, ins, c):
       (cnt,) = c
-      kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+      kvs = [src.keys4(vc, p) for vc, p in zip(vcs, ins)]
       for vc, p, kv in zip(vcs, ins, kvs):
         for e in range(4):
           cnt = m.add(cnt, m.as_i32(chosen(kv[e], vc, e, p, ties)))
       return [cnt]
-    return vec_loop(cfg.pass_unroll, [m.c(0)], body)
+    return blk.vec_loop(src, cfg.pass_unroll, [m.c(0)], body)
 
   (mine,) = uniform(count, [m.c(0)])
-  start, n_sel = block_scan(mine, from_top=False)
+  start, n_sel = blk.block_scan(mine, from_top=False)
   if cfg.stop_after == 4:
     return
 
   def write(ties):
     def body(vcs, ins, c):
       (slot,) = c
-      kvs = [m.ld_shared_v4(m.gep(keys_p, m.shl(vc, 2))) for vc in vcs]
+      kvs = [src.keys4(vc, p) for vc, p in zip(vcs, ins)]
       for vc, p, kv in zip(vcs, ins, kvs):
         for e in range(4):
           sel = m.land(chosen(kv[e], vc, e, p, ties), m.slt(slot, m.c(k)))
-          pos = m.add(seg_lo, m.add(m.shl(vc, 2), m.c(e)))
-          if direct:
-            idx = pos
-          else:
-            idx = m.ld_global_if(
-                m.gep(ci_p, m.add(row64, m.to_i64(m.smin(pos, m.c(S - 1))))), sel)
-          m.st_global(m.gep(oi_p, out_slot(slot)), idx, pred=sel)
+          m.st_global(m.gep(oi_p, out_slot(slot)), src.index(vc, e, sel), pred=sel)
           if ov_p is not None:
             m.st_global(m.gep(ov_p, out_slot(slot)), _unsortable(kv[e]), pred=sel)
           slot = m.add(slot, m.as_i32(sel))
       return [slot]
-    return vec_loop(cfg.pass_unroll, [start], body)
+    return blk.vec_loop(src, cfg.pass_unroll, [start], body)
 
   uniform(write, [start])
 
@@ -513,10 +675,12 @@ def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool
   """One level: [R, S] logits (or candidates) -> [R, k] indices, or [R, nseg * k] candidate
   (indices, logits) when the row runs as several segments."""
   R, S = x.shape
-  seg = cfg.segment
+  seg = S if cfg.stream else cfg.segment     # keys a CTA selects from
   nseg = _cdiv(S, seg)
   direct = cidx is None
   assert not final or nseg == 1
+  assert not cfg.stream or (direct and final)
+  cap = cfg.segment                           # shared-memory keys (segment or candidates)
   out_w = k if final else nseg * k
   out_type = [jax.ShapeDtypeStruct((R, out_w), jnp.int32)]
   if not final:
@@ -532,7 +696,7 @@ def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool
       ks_ref, ke_ref, x_ref, ci_ref = ins
     oi_ref = outs[0]
     ov_ref = outs[1] if not final else None
-    keys_ref, hist_ref, misc_ref = scratch
+    keys_ref, cand_ref, hist_ref, misc_ref = scratch
     s_idx = lax.axis_index("s")
     r_idx = lax.axis_index("r")
     if interpret:
@@ -541,7 +705,7 @@ def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool
       return
     refs_in = [ks_ref, ke_ref, x_ref] + ([] if direct else [ci_ref])
     refs_out = [oi_ref] + ([] if final else [ov_ref])
-    arg_types = ([plgpu.RefType()] * (len(refs_in) + len(refs_out) + 3)
+    arg_types = ([plgpu.RefType()] * (len(refs_in) + len(refs_out) + 4)
                  + [plgpu.Layout.WG_SPLAT] * 2)
 
     @plgpu.inline_mgpu(arg_types=tuple(arg_types))
@@ -550,12 +714,12 @@ def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool
       ks_, ke_, x_ = a[:3]
       ci_ = None if direct else a[3]
       o = a[len(refs_in):len(refs_in) + len(refs_out)]
-      keys_, hist_, misc_ = a[len(refs_in) + len(refs_out):-2]
+      keys_, cand_, hist_, misc_ = a[len(refs_in) + len(refs_out):-2]
       s_, r_ = (v.registers.item() for v in a[-2:])
-      _emit_segment(ks_, ke_, x_, ci_, o[0], None if final else o[1], keys_, hist_, misc_,
+      _emit_segment(ks_, ke_, x_, ci_, o[0], None if final else o[1], keys_, cand_, hist_, misc_,
                     s_, r_, S=S, k=k, cfg=cfg, direct=direct, final=final)
 
-    _(*refs_in, *refs_out, keys_ref, hist_ref, misc_ref, s_idx, r_idx)
+    _(*refs_in, *refs_out, keys_ref, cand_ref, hist_ref, misc_ref, s_idx, r_idx)
 
   operands = [ks, ke, x] + ([] if direct else [cidx])
   return plgpu.kernel(
@@ -565,7 +729,9 @@ def _launch(x, cidx, ks, ke, *, k, cfg: TopKConfig, final: bool, interpret: bool
       grid_names=("s", "r"),
       num_threads=None if interpret else cfg.warpgroups,
       thread_name=None if interpret else "wg",
-      scratch_types=[plgpu.SMEM((seg,), jnp.int32), plgpu.SMEM((2 * _HIST,), jnp.int32),
+      scratch_types=[plgpu.SMEM((cap,), jnp.int32),
+                     plgpu.SMEM((cap if cfg.stream else 4,), jnp.int32),
+                     plgpu.SMEM((2 * _HIST,), jnp.int32),
                      plgpu.SMEM((_MISC + 8,), jnp.int32)],
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       kernel_name="nsa_topk",
@@ -633,7 +799,9 @@ def topk_indices(logits, ks, ke, *, k: int = 2048, interpret: bool = False,
   if why:
     raise ValueError(f"topk kernel: {why}")
   levels = [cfg for _, cfg in plan(T, S, k)]
-  if config is not None:
+  if config is not None and config.stream:
+    levels = [config]
+  elif config is not None:
     nseg = _cdiv(S, config.segment)
     levels = [config] + ([cfg for _, cfg in plan(T, nseg * k, k)] if nseg > 1 else [])
   return _topk(logits, ks, ke, k=k, levels=tuple(levels), interpret=interpret,

@@ -130,7 +130,8 @@ _C = topk_kernel.TopKConfig
     _C(segment=256, warpgroups=1),    # 4 segments (the last one short), then one merge
     _C(segment=120, warpgroups=2),    # 9 segments of fewer than k + 1 keys: all kept
     _C(segment=64, warpgroups=1),     # 16 segments, 1600 candidates, merged in one launch
-], ids=["one_segment", "four_segments", "short_segments", "tiny_segments"])
+    _C(segment=512, warpgroups=1, stream=True),   # the row streamed through one CTA
+], ids=["one_segment", "four_segments", "short_segments", "tiny_segments", "stream"])
 @pytest.mark.parametrize("case", ["distinct", "ties", "all_neg_inf", "inf_and_nan"])
 def test_topk_pallas_configs(config, case):
   """Split rows: every segment's top-k (with the tie rule) holds the row's top-k, and the
@@ -208,12 +209,18 @@ def test_topk_pallas_few_valid_ignores_values():
 
 
 def test_topk_plan():
-  """Rows of <= 32768 keys run as one launch; longer rows, and few rows, are split into
-  segments whose candidates (segments x k) the next launch merges."""
+  """Rows of <= 32768 keys run as one launch; longer rows stream through one CTA each when
+  there are enough rows, and few long rows are split into segments whose candidates
+  (segments x k) the next launch merges."""
   assert [c.segment for _, c in topk_kernel.plan(8192, 32768, 2048)] == [32768]
   assert [c.segment for _, c in topk_kernel.plan(8192, 8192, 2048)] == [8192]
-  lv = topk_kernel.plan(8192, 65536, 2048)
+  many = topk_kernel._STREAM_MIN_ROWS
+  for S in (32769, 65536, 1 << 20):
+    (lv,) = topk_kernel.plan(many, S, 2048)
+    assert lv[0] == S and lv[1].stream
+  lv = topk_kernel.plan(many - 1, 65536, 2048)
   assert [n for n, _ in lv] == [65536, 4096] and lv[0][1].segment == 32768
+  assert not any(c.stream for _, c in lv)
   for rows, S, k in [(1, 1 << 20, 2048), (64, 32768, 512), (1, 131072, 1024), (3, 1000, 16)]:
     lv = topk_kernel.plan(rows, S, k)
     assert lv[0][0] == S and -(-lv[-1][0] // lv[-1][1].segment) == 1
@@ -223,6 +230,8 @@ def test_topk_plan():
     _C(segment=1001, warpgroups=1)
   with pytest.raises(ValueError, match="warpgroups"):
     _C(segment=1024, warpgroups=3)
+  with pytest.raises(ValueError, match="multiple of 1024"):
+    _C(segment=1000, warpgroups=2, stream=True)
 
 
 def test_topk_pallas_unsupported_reason():
@@ -245,6 +254,18 @@ def test_topk_pallas_lowers_for_cuda(T, S, k):
   text = f.trace(x, i, i).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= len(topk_kernel.plan(T, S, k))
   assert "triton" not in text
+
+
+@pytest.mark.parametrize("T,S,cfg", [(8192, 65536, _C(8192, 2, stream=True)),
+                                     (16, 100003, _C(8192, 4, stream=True)),
+                                     (4, 1 << 20, _C(4096, 1, stream=True))])
+def test_topk_pallas_stream_lowers_for_cuda(T, S, cfg):
+  """The streaming variant's per-thread code (warp ballots, both tails) builds for CUDA."""
+  x = jax.ShapeDtypeStruct((T, S), jnp.float32)
+  i = jax.ShapeDtypeStruct((T,), jnp.int32)
+  f = jax.jit(lambda a, b, c: topk_kernel.topk_indices(a, b, c, k=2048, config=cfg))
+  text = f.trace(x, i, i).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 1 and "vote.sync.ballot" in text
 
 
 # --------------------------------------------------------------------------- GPU, full size
@@ -316,3 +337,67 @@ def test_topk_pallas_gpu_deterministic():
   first = np.asarray(_run(x, ks, ke, 2048, backend="pallas"))
   for _ in range(3):
     np.testing.assert_array_equal(np.asarray(_run(x, ks, ke, 2048, backend="pallas")), first)
+
+
+_STREAMS = [_C(8192, 2, stream=True), _C(4096, 4, stream=True), _C(8192, 1, stream=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _STREAMS, ids=["c8192_wg2", "c4096_wg4", "c8192_wg1"])
+@pytest.mark.parametrize("T,S,ragged", [(300, 65536, False), (64, 100003, True),
+                                        (4, 1 << 20, False), (33, 32768, True)])
+def test_topk_pallas_gpu_stream_matches_lax_top_k(cfg, T, S, ragged):
+  """Streamed rows (two reads, candidates compacted in shared memory) on the kernel itself."""
+  x, ks, ke = _gpu_case(T, S, seed=4, ragged=ragged)
+  out = np.asarray(topk_kernel.topk_indices(x, ks, ke, k=2048, config=cfg))
+  if not ragged:
+    _assert_same_sets(out, jax.lax.top_k(x, 2048)[1])
+  else:
+    xn, ksn, ken = np.asarray(x), np.asarray(ks), np.asarray(ke)
+    assert_valid_topk(out, xn, ksn, ken, 2048)
+    _assert_tie_rule(out, xn, ksn, ken, 2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _STREAMS[:2], ids=["c8192_wg2", "c4096_wg4"])
+def test_topk_pallas_gpu_stream_fallbacks(cfg):
+  """Rows whose candidates do not fit shared memory take the all-global tail: a crowded
+  top-digit bucket (all equal: every key ties; a narrow band), and candidates that fit in
+  total but crowd one warp's region (large values only at positions warp 0 reads)."""
+  T, S, k = 6, 65536, 2048
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((T, S)).astype(np.float32)
+  x[0] = 1.0                                                    # all tie: index passes
+  x[1] = 1.0 + rng.uniform(0, 2 ** -12, S).astype(np.float32)   # one bucket, distinct
+  x[2] = np.round(x[2] * 4) / 4                                 # ties at the threshold
+  warp0 = np.flatnonzero((np.arange(S) // 4) % cfg.threads < 32)
+  x[3, rng.choice(warp0, 1000, replace=False)] = 100 + rng.uniform(0, 1, 1000)
+  x[4, :] = -np.inf
+  x[4, 5::9] = np.nan
+  ks = np.array([0, 0, 0, 0, 0, 7], np.int32)
+  ke = np.array([S, S, S - 1, S, S, S - 11], np.int32)
+  x[5] = x[3]
+  out = np.asarray(topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke),
+                                            k=k, config=cfg))
+  assert_valid_topk(out, x, ks, ke, k)
+  _assert_tie_rule(out, x, ks, ke, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_topk_pallas_gpu_stream_edge_cases(case):
+  x, ks, ke, k, lo, hi = _case(case, T=9, S=40000, k=64)
+  out = np.asarray(topk_kernel.topk_indices(jnp.asarray(x), jnp.asarray(ks), jnp.asarray(ke),
+                                            k=k, config=_STREAMS[0]))
+  assert_valid_topk(out, x, lo, hi, k)
+  _assert_tie_rule(out, x, lo, hi, k)
+
+
+@pytest.mark.gpu
+def test_topk_pallas_gpu_stream_deterministic():
+  """Warp regions in lane order: the streamed output order repeats exactly."""
+  x, ks, ke = _gpu_case(300, 65536, seed=3, ragged=True)
+  f = jax.jit(lambda a, b, c: topk_kernel.topk_indices(a, b, c, k=2048, config=_STREAMS[0]))
+  first = np.asarray(f(x, ks, ke))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(f(x, ks, ke)), first)
