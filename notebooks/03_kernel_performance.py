@@ -209,75 +209,48 @@ else:
 # %% [markdown]
 # ## Top-k: `topk_indices`
 #
-# Top-2048 of float32 rows. This is memory-bound: the ideal kernel reads each logit once.
-# Left: achieved GB/s against the copy ceiling. Right: time against `lax.top_k` (the xla
-# backend). The kernel runs one program per row: rows up to 32K keys stay in registers, longer
-# rows are streamed (re-read on every pass of the search), which is why the 64K-key rows fall
-# off, and a handful of very long rows (the last two shapes) leaves most of the GPU idle.
+# Top-2048 of float32 rows, beside FlashInfer's and sgl-kernel's top-k **timed in the same
+# device call** (`bench_topk.py --peers`, which reads `.anchors/run.sh`'s results): kernel time
+# per call from the profiler, L2 flushed, for all three. Rows up to 32768 keys are held in one
+# CTA's shared memory; longer rows are streamed through one CTA each (two reads) when there are
+# many rows, or split into segments and merged when there are few (decode). Left: time relative
+# to the best peer (lower is better). Right: GB/s of one read of the logits, against the copy
+# ceiling.
 
 # %%
 if not missing("topk", "bench_topk.py"):
   res = results["topk"]
-  rows = [r for r in res["rows"] if "pallas_ms" in r]
+  rows = [r for r in res["rows"] if r.get("mosaic_kernel_ms") and r.get("fi_ms")]
   if not rows:
-    print("topk.json has no timings (a CPU smoke run?)")
+    print("topk.json has no kernel times beside the peers (a CPU smoke run?)")
   else:
-    labels = [f"{r['rows']}x{r['keys']}" for r in rows]
+    labels = [r["shape"] for r in rows]
+    best = np.array([min(r["fi_ms"], r["sgl_ms"]) for r in rows])
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    axes[0].bar(x, [r["gbs"] for r in rows], color="tab:green", label="Pallas top-k")
-    axes[0].axhline(COPY_CEILING_GBS, color="k", ls="--", lw=1,
-                    label=f"copy ceiling ({COPY_CEILING_GBS:.0f} GB/s)")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    for i, (name, key, color) in enumerate([("nsa_jax (Mosaic GPU)", "mosaic_kernel_ms", "tab:green"),
+                                            ("FlashInfer", "fi_ms", "tab:blue"),
+                                            ("sgl-kernel", "sgl_ms", "tab:orange")]):
+      axes[0].bar(x + (i - 1) * 0.27, np.array([r[key] for r in rows]) / best, 0.27,
+                  color=color, label=name)
+    axes[0].axhline(1.0, color="k", lw=1, ls="--")
     axes[0].set_xticks(x, labels, rotation=30)
-    axes[0].set_ylabel("GB/s (logits read once)")
-    axes[0].set_title(f"top-{rows[0]['k']} on {res.get('card')}")
+    axes[0].set_ylabel("kernel time / best peer's (lower is better)")
+    axes[0].set_title(f"top-2048 on {res.get('card')}, {res.get('date')}, same call")
     axes[0].legend(fontsize=8)
-    time_panel(axes[1], rows, labels, "lax.top_k", "tab:green", "floor (one read)", 30)
+    axes[1].bar(x, [r["gbs"] for r in rows], color="tab:green", label="nsa_jax")
+    axes[1].bar(x + 0.3, [4 * int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1].rstrip("c"))
+                          / r["fi_ms"] / 1e6 for r in rows], 0.3, color="tab:blue",
+                label="FlashInfer")
+    axes[1].axhline(COPY_CEILING_GBS, color="k", ls="--", lw=1,
+                    label=f"copy ceiling ({COPY_CEILING_GBS:.0f} GB/s)")
+    axes[1].set_xticks(x + 0.15, labels, rotation=30)
+    axes[1].set_ylabel("GB/s (logits read once)")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     plt.show()
-    show_table(rows, ["rows", "keys", "config", "pallas_ms", "pallas_dev_ms", "gbs", "floor_ms",
-                      "xla_ms", "xla_dev_ms", "speedup", "speedup_dev", "same_sets"])
-
-# %% [markdown]
-# ### The Mosaic GPU top-k beside the peers, same device call
-#
-# `topk_variants.json` holds our kernel time per call (kernels only, L2 flushed, torch
-# profiler) and `topk_peers_h200.json` FlashInfer's and sgl-kernel's kineto time, measured in
-# the same device call on the H200 (2026-12-02). Bars: the configuration today's default plan
-# picks for each shape; ratio > 1 means faster than the best peer.
-
-# %%
-var, peer = results.get("topk_variants"), results.get("topk_peers_h200")
-if not var or not peer:
-  print("No topk_variants.json / topk_peers_h200.json yet.")
-else:
-  ours = {r["shape"]: r["kernel_ms"] for r in var["rows"] if r.get("default_plan")}
-  peers = {}
-  for r in peer.get("topk", []):
-    peers.setdefault(r["shape"], {})[r["impl"]] = r["kineto_ms"]
-  shapes = [sh for sh in ours if sh in peers]
-  impls = [("nsa_jax (Mosaic GPU)", lambda sh: ours[sh], "tab:green"),
-           ("FlashInfer", lambda sh: peers[sh].get("flashinfer.top_k_ragged_transform"),
-            "tab:blue"),
-           ("sgl-kernel", lambda sh: peers[sh].get("sgl.fast_topk_v2"), "tab:orange")]
-  fig, ax = plt.subplots(figsize=(11, 4))
-  x = np.arange(len(shapes))
-  for i, (name, get, color) in enumerate(impls):
-    vals = [get(sh) or np.nan for sh in shapes]
-    base = [min(v for v in (impls[1][1](sh), impls[2][1](sh)) if v) for sh in shapes]
-    ax.bar(x + (i - 1) * 0.27, np.array(vals) / np.array(base), 0.27, color=color, label=name)
-  ax.axhline(1.0, color="k", lw=1, ls="--")
-  ax.set_xticks(x, shapes)
-  ax.set_ylabel("time / best peer's time (lower is better)")
-  ax.set_title(f"top-2048 kernel time on {var.get('card')}, {var.get('date')}")
-  ax.legend(fontsize=8)
-  plt.show()
-  show_table([dict(shape=sh, ours_ms=ours[sh],
-                   flashinfer_ms=peers[sh].get("flashinfer.top_k_ragged_transform"),
-                   sgl_ms=peers[sh].get("sgl.fast_topk_v2"),
-                   vs_best_peer=min(v for v in (peers[sh].get("flashinfer.top_k_ragged_transform"),
-                                                peers[sh].get("sgl.fast_topk_v2")) if v) / ours[sh])
-              for sh in shapes])
+    show_table(rows, ["shape", "levels", "mosaic_kernel_ms", "fi_ms", "sgl_ms", "vs_peer",
+                      "floor_ms", "mosaic_same_sets"])
 
 # %% [markdown]
 # Where the time of a whole prefill goes (`T = S = 32768`, causal, H = 64): the logits, then the
