@@ -170,12 +170,14 @@ def unsupported_reason(next_n: int, H: int, D: int) -> str | None:
 
 
 def smem_bytes(next_n: int, H: int, config: PagedConfig) -> int:
-  """Shared memory one CTA of this configuration takes (bytes, before alignment padding)."""
+  """Shared memory one CTA of this configuration takes, in bytes (each buffer rounded up to
+  the 1024-byte alignment of a 128-byte swizzle: an estimate, the compiler places them)."""
+  up = lambda x: -(-x // 1024) * 1024  # noqa: E731
   qbuf = 2 if config.schedule == "persistent" else 1
-  ring = config.num_stages * (PAGE * 128 + PAGE * 4)
-  q = qbuf * next_n * H * (128 + 4)
-  out = 2 * next_n * PAGE * 4 + _fill_rows(next_n) * PAGE * 4
-  return ring + q + out + 8 * (config.num_stages + qbuf)
+  NS = config.num_stages
+  return (up(NS * PAGE * 128) + up(NS * PAGE * 4) + up(qbuf * next_n * H * 128)
+          + up(qbuf * next_n * H * 4) + up(2 * next_n * PAGE * 4)
+          + up(_fill_rows(next_n) * PAGE * 4) + up(8 * (NS + qbuf)))
 
 
 def _fill_rows(n: int) -> int:
@@ -203,22 +205,45 @@ def paged_plan(context_lens, max_context_len: int, num_ctas: int):
     context_lens[b]) with non-empty requests first in batch order; ``starts`` int32
     [num_ctas + 1, 3], row c = (index r into ``req``, page within that request, flat page
     index) where CTA c starts; CTA c computes flat pages ``[starts[c, 2], starts[c+1, 2])``.
+    The end of the batch (flat index = all pages) is row (number of non-empty requests, 0).
   """
   ctx = context_lens.astype(jnp.int32)
   out_pages = -(-max_context_len // PAGE)
   pages = jnp.minimum((jnp.maximum(ctx, 0) + PAGE - 1) // PAGE, out_pages)
-  order = jnp.argsort(pages == 0, stable=True).astype(jnp.int32)
-  cp = pages[order]
-  req = jnp.stack([order, cp, ctx[order]], axis=1)
-  cum = jnp.cumsum(cp)
+  # Non-empty requests first, in batch order (a scatter, not a sort: a few fused XLA ops).
+  full = pages > 0
+  pos = jnp.where(full, jnp.cumsum(full) - 1, jnp.sum(full) + jnp.cumsum(~full) - 1)
+  row = jnp.stack([jnp.arange(ctx.shape[0], dtype=jnp.int32), pages, ctx], axis=1)
+  req = jnp.zeros_like(row).at[pos].set(row, unique_indices=True)
+  cum = jnp.cumsum(req[:, 1])
   total = cum[-1]
   c = jnp.arange(num_ctas + 1, dtype=jnp.int32)
   # c * total // G without the int32 overflow of c * total.
   flat = (total // num_ctas) * c + jnp.minimum(c, total % num_ctas)
-  r = jnp.searchsorted(cum, flat, side="right").astype(jnp.int32)
+  # The plan row holding flat page f: the number of rows that end at or before f; the end
+  # (f = total) maps to the first empty row, so that a CTA's last request is r_end - 1 when
+  # its run ends on a request boundary (empty rows end at total too).
+  r = jnp.minimum(jnp.sum(cum[None, :] <= flat[:, None], axis=1, dtype=jnp.int32),
+                  jnp.sum(full, dtype=jnp.int32))
   before = jnp.where(r > 0, cum[jnp.maximum(r - 1, 0)], 0)
   starts = jnp.stack([r, flat - before, flat], axis=1)
   return req, starts
+
+
+_TMA_DIM = 256  # a TMA box holds at most 256 elements along each dimension
+
+
+def _q_chunks(n: int, H: int) -> tuple[tuple[int, int], ...]:
+  """(row0, rows) of the query/weight copies: n * H rows in boxes of <= 256."""
+  NQ = n * H
+  return tuple((r0, min(_TMA_DIM, NQ - r0)) for r0 in range(0, NQ, _TMA_DIM))
+
+
+def _copy_queries(q_src, w_src, q_dst, w_dst, bar, n, H):
+  """TMA of one request's queries [n*H, D] and weights [n*H]; 2 arrivals per chunk on bar."""
+  for r0, rows in _q_chunks(n, H):
+    plgpu.copy_gmem_to_smem(q_src.at[pl.ds(r0, rows)], q_dst.at[pl.ds(r0, rows)], bar)
+    plgpu.copy_gmem_to_smem(w_src.at[pl.ds(r0, rows)], w_dst.at[pl.ds(r0, rows)], bar)
 
 
 def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w_hoisted):
@@ -293,8 +318,7 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
 
   @pl.when(n_comp > 0)
   def _compute():
-    plgpu.copy_gmem_to_smem(q_gmem.at[b], q_smem, q_bar)
-    plgpu.copy_gmem_to_smem(w_gmem.at[b], w_smem, q_bar)
+    _copy_queries(q_gmem.at[b], w_gmem.at[b], q_smem, w_smem, q_bar, n, H)
     # All first-stage ids are loaded before any copy is issued so that the loads overlap.
     # Indices stop at the last page with context: table entries past it are never read.
     last = j0 + n_comp - 1
@@ -397,8 +421,8 @@ def _persistent_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, req_gm
 
   def issue_q(r, qslot):
     b, _, _ = request(r)
-    plgpu.copy_gmem_to_smem(q_gmem.at[b], q_smem.at[qslot], q_bar.at[qslot])
-    plgpu.copy_gmem_to_smem(w_gmem.at[b], w_smem.at[qslot], q_bar.at[qslot])
+    _copy_queries(q_gmem.at[b], w_gmem.at[b], q_smem.at[qslot], w_smem.at[qslot],
+                  q_bar.at[qslot], n, H)
 
   @pl.when(count > 0)
   def _compute():
@@ -504,8 +528,7 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
       plgpu.SMEM((2, n, PAGE), _F32),
       plgpu.SMEM((_fill_rows(n), PAGE), _F32),
       plgpu.Barrier(num_arrivals=2, num_barriers=NS),
-      plgpu.Barrier(num_arrivals=2, num_barriers=2) if persistent
-      else plgpu.Barrier(num_arrivals=2),
+      plgpu.Barrier(num_arrivals=2 * len(_q_chunks(n, H)), num_barriers=2 if persistent else 1),
   ]
   common = dict(n=n, H=H, num_pages=num_pages, max_pages=max_pages, out_pages=out_pages,
                 config=cfg, clean=clean_logits)
