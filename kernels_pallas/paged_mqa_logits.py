@@ -11,23 +11,32 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
 
 - The op is memory bound: each cached token costs 132 bytes (128 fp8 key bytes and a float32
   scale) and only ``2 * n * H * D`` FLOPs, so the kernel is a streaming loop over pages.
-- Grid ``(B, splits)``: CTA ``(b, s)`` owns pages ``[s * P_s, (s + 1) * P_s)`` of request
-  ``b`` (``P_s = config.pages_per_split``). The split is static (from ``max_context_len``), so
-  one long context is cut into many CTAs and many short ones each get their own. CTAs past
-  a request's last page only write -inf; the hardware block scheduler hands the next CTA to
-  whichever SM frees up, which balances ragged batches without a device-side schedule.
-  Several CTAs stay resident per SM (46 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
-  H = 64 and 4 stages: 4 per SM), so one CTA's epilogue overlaps another's loads.
-  Measured on the H100 and not kept (benchmarks/NOTES.md): a persistent grid with equal page
-  segments per CTA (DeepGEMM's schedule), and the block-table slice copied to SMEM first;
-  both were slower than this grid.
+- Two schedules (``PagedConfig.schedule``; ``benchmarks/bench_paged_variants.py`` times them
+  beside DeepGEMM):
+  ``"grid"`` (the default): grid ``(B, splits)``, CTA ``(b, s)`` owns pages
+  ``[s * P_s, (s + 1) * P_s)`` of request ``b`` (``P_s = config.pages_per_split``). The split
+  is static (from ``max_context_len``), so one long context is cut into many CTAs and many
+  short ones each get their own. CTAs past a request's last page only write -inf; the
+  hardware block scheduler hands the next CTA to whichever SM frees up, which balances
+  ragged batches without a device-side schedule. Several CTAs stay resident per SM (46 KiB of
+  SMEM each for n = 1, 54 KiB for n = 2, with H = 64 and 4 stages: 4 per SM), so one CTA's
+  epilogue overlaps another's loads.
+  ``"persistent"`` (DeepGEMM's schedule): ``ctas_per_sm * num_sms`` CTAs; :func:`paged_plan`
+  (a few XLA ops on ``context_lens``, once per decode step, shareable by every layer) lays
+  the batch's pages end to end and cuts them into equal runs, one per CTA; a CTA's ring runs
+  across request boundaries and its queries are double-buffered (the next request's load
+  while this one's pages stream), so it pays the start-up chain once, not once per split.
+  Measured on the H100 in an earlier form and not kept then (benchmarks/NOTES.md): a
+  persistent grid (single query buffer), and the block-table slice copied to SMEM first; that
+  judgement was made by wall time, before the kernel-time method.
 - Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]`` and head weights once, then
   keep ``config.num_stages`` pages (8 KiB of keys plus 256 B of scales each) in flight in an
   SMEM ring guarded by one mbarrier per slot. The page id is read from the block table (a
   scalar load) at the top of the iteration that refills the slot, so its latency hides behind
   that iteration's math.
-- Math per page: one fp8 wgmma with M = 64 (the page's tokens), N = n * H (the query rows),
-  K = D = 128, float32 accumulate. Then in registers: relu, times the head weight (a per
+- Math per page: one fp8 wgmma per query group (:func:`query_groups`: ``g`` query tokens
+  with ``g * H <= 128``) with M = 64 (the page's tokens), N = g * H (the query rows),
+  K = D = 128, float32 accumulate; next_n = 3 or 4 thus reads each page once. Then in registers: relu, times the head weight (a per
   column vector), a sum over each query's H columns (a row reduction within a warp), times
   the token's scale, the validity mask, and a TMA store of the ``[n, 64]`` tile into the
   logits (two output slots so that a store overlaps the next page).
@@ -49,10 +58,11 @@ show on a GPU): fp8 wgmma needs both operands K-major (keys ``[64, D]`` as A, qu
 elements (hence the 2-row -inf tile for n = 1); an iota that nothing used (clean_logits=False)
 left layout inference without a solution (it is built only where the mask needs it).
 
-Supported: ``next_n`` in {1, 2}, ``H`` in {16, 32, 64, 128} with ``next_n * H <= 128``
-(the wgmma N side, one float32 accumulator of at most 64 registers per thread), ``D == 128``
-(one 128-byte swizzled row per token). ``interpret=True`` runs the same kernel in the Mosaic
-GPU interpreter (CPU tests).
+Supported: ``next_n`` in 1..4, ``H`` in {16, 32, 64, 128}, ``D == 128`` (one 128-byte
+swizzled row per token) (:func:`kernel_reason`); ``nsa_jax.ops`` dispatches one call only for
+``next_n * H <= 128`` and ``next_n <= 2`` (:func:`unsupported_reason`) and composes larger
+next_n from such calls until the one-launch form is measured faster. ``interpret=True`` runs
+the same kernel in the Mosaic GPU interpreter (CPU tests).
 """
 
 from __future__ import annotations
