@@ -11,23 +11,32 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
 
 - The op is memory bound: each cached token costs 132 bytes (128 fp8 key bytes and a float32
   scale) and only ``2 * n * H * D`` FLOPs, so the kernel is a streaming loop over pages.
-- Grid ``(B, splits)``: CTA ``(b, s)`` owns pages ``[s * P_s, (s + 1) * P_s)`` of request
-  ``b`` (``P_s = config.pages_per_split``). The split is static (from ``max_context_len``), so
-  one long context is cut into many CTAs and many short ones each get their own. CTAs past
-  a request's last page only write -inf; the hardware block scheduler hands the next CTA to
-  whichever SM frees up, which balances ragged batches without a device-side schedule.
-  Several CTAs stay resident per SM (46 KiB of SMEM each for n = 1, 54 KiB for n = 2, with
-  H = 64 and 4 stages: 4 per SM), so one CTA's epilogue overlaps another's loads.
-  Measured on the H100 and not kept (benchmarks/NOTES.md): a persistent grid with equal page
-  segments per CTA (DeepGEMM's schedule), and the block-table slice copied to SMEM first;
-  both were slower than this grid.
+- Two schedules (``PagedConfig.schedule``; ``benchmarks/bench_paged_variants.py`` times them
+  beside DeepGEMM):
+  ``"grid"`` (the default): grid ``(B, splits)``, CTA ``(b, s)`` owns pages
+  ``[s * P_s, (s + 1) * P_s)`` of request ``b`` (``P_s = config.pages_per_split``). The split
+  is static (from ``max_context_len``), so one long context is cut into many CTAs and many
+  short ones each get their own. CTAs past a request's last page only write -inf; the
+  hardware block scheduler hands the next CTA to whichever SM frees up, which balances
+  ragged batches without a device-side schedule. Several CTAs stay resident per SM (46 KiB of
+  SMEM each for n = 1, 54 KiB for n = 2, with H = 64 and 4 stages: 4 per SM), so one CTA's
+  epilogue overlaps another's loads.
+  ``"persistent"`` (DeepGEMM's schedule): ``ctas_per_sm * num_sms`` CTAs; :func:`paged_plan`
+  (a few XLA ops on ``context_lens``, once per decode step, shareable by every layer) lays
+  the batch's pages end to end and cuts them into equal runs, one per CTA; a CTA's ring runs
+  across request boundaries and its queries are double-buffered (the next request's load
+  while this one's pages stream), so it pays the start-up chain once, not once per split.
+  Measured on the H100 in an earlier form and not kept then (benchmarks/NOTES.md): a
+  persistent grid (single query buffer), and the block-table slice copied to SMEM first; that
+  judgement was made by wall time, before the kernel-time method.
 - Per CTA, one warpgroup: TMA the request's queries ``[n * H, D]`` and head weights once, then
   keep ``config.num_stages`` pages (8 KiB of keys plus 256 B of scales each) in flight in an
   SMEM ring guarded by one mbarrier per slot. The page id is read from the block table (a
   scalar load) at the top of the iteration that refills the slot, so its latency hides behind
   that iteration's math.
-- Math per page: one fp8 wgmma with M = 64 (the page's tokens), N = n * H (the query rows),
-  K = D = 128, float32 accumulate. Then in registers: relu, times the head weight (a per
+- Math per page: one fp8 wgmma per query group (:func:`query_groups`: ``g`` query tokens
+  with ``g * H <= 128``) with M = 64 (the page's tokens), N = g * H (the query rows),
+  K = D = 128, float32 accumulate; next_n = 3 or 4 thus reads each page once. Then in registers: relu, times the head weight (a per
   column vector), a sum over each query's H columns (a row reduction within a warp), times
   the token's scale, the validity mask, and a TMA store of the ``[n, 64]`` tile into the
   logits (two output slots so that a store overlaps the next page).
@@ -49,10 +58,11 @@ show on a GPU): fp8 wgmma needs both operands K-major (keys ``[64, D]`` as A, qu
 elements (hence the 2-row -inf tile for n = 1); an iota that nothing used (clean_logits=False)
 left layout inference without a solution (it is built only where the mask needs it).
 
-Supported: ``next_n`` in {1, 2}, ``H`` in {16, 32, 64, 128} with ``next_n * H <= 128``
-(the wgmma N side, one float32 accumulator of at most 64 registers per thread), ``D == 128``
-(one 128-byte swizzled row per token). ``interpret=True`` runs the same kernel in the Mosaic
-GPU interpreter (CPU tests).
+Supported: ``next_n`` in 1..4, ``H`` in {16, 32, 64, 128}, ``D == 128`` (one 128-byte
+swizzled row per token) (:func:`kernel_reason`); ``nsa_jax.ops`` dispatches one call only for
+``next_n * H <= 128`` and ``next_n <= 2`` (:func:`unsupported_reason`) and composes larger
+next_n from such calls until the one-launch form is measured faster. ``interpret=True`` runs
+the same kernel in the Mosaic GPU interpreter (CPU tests).
 """
 
 from __future__ import annotations
@@ -74,22 +84,49 @@ _T8 = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 _NUM_SMS = 132  # H100 SXM; only steers the split heuristic.
 
 
+SCHEDULES = ("grid", "persistent")
+_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one CTA may take on Hopper
+
+
 @dataclasses.dataclass(frozen=True)
 class PagedConfig:
   """Static tuning of the paged kernel.
 
   Attributes:
-    pages_per_split: pages (of 64 tokens) one CTA streams; the key axis of every request is cut
-      into ``ceil(ceil(max_context_len / 64) / pages_per_split)`` splits.
+    pages_per_split: ``schedule="grid"``: pages (of 64 tokens) one CTA streams; the key axis
+      of every request is cut into ``ceil(ceil(max_context_len / 64) / pages_per_split)``
+      splits.
     num_stages: depth of the TMA ring (pages in flight per CTA).
+    schedule: ``"grid"``, one CTA per (request, split) (the default); or ``"persistent"``,
+      ``ctas_per_sm * num_sms`` CTAs that each stream an equal run of the batch's
+      (request, page) pairs, given by a plan (:func:`paged_plan`) computed from the context
+      lengths, the ring running across request boundaries.
+    ctas_per_sm, num_sms: ``schedule="persistent"``: the grid is ``ctas_per_sm * num_sms``
+      CTAs (132 SMs on an H100 SXM and an H200).
   """
 
   pages_per_split: int = 16
   num_stages: int = 4
+  schedule: str = "grid"
+  ctas_per_sm: int = 2
+  num_sms: int = _NUM_SMS
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
       raise ValueError(f"PagedConfig: need pages_per_split, num_stages >= 1, got {self}")
+    if self.num_stages > 32:
+      raise ValueError(f"PagedConfig: num_stages must be <= 32 (one mbarrier parity bit "
+                       f"each), got {self.num_stages}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"PagedConfig: schedule must be one of {SCHEDULES}, got "
+                       f"{self.schedule!r}")
+    if self.ctas_per_sm < 1 or self.num_sms < 1:
+      raise ValueError(f"PagedConfig: need ctas_per_sm, num_sms >= 1, got {self}")
+
+  @property
+  def num_ctas(self) -> int:
+    """CTAs of the persistent grid (the plan's length is this plus one)."""
+    return self.ctas_per_sm * self.num_sms
 
 
 def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS) -> PagedConfig:
@@ -97,7 +134,8 @@ def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS) ->
   24 CTAs per SM. About 4 CTAs are resident per SM, so that is 6 or more rounds: the
   last round (the tail, where the GPU is partly idle) stays short, and ragged batches
   balance. A CTA's fixed cost (the q/w load, the ring's first latency) is hidden by the other
-  resident CTAs. A first guess: tune with ``benchmarks/bench_paged_mqa_logits.py --sweep``."""
+  resident CTAs. A first guess: tune with ``benchmarks/bench_paged_mqa_logits.py --sweep``
+  and compare schedules with ``benchmarks/bench_paged_variants.py``."""
   pages = -(-max_context_len // PAGE)
   per = 4
   while per < 64 and batch * -(-pages // (2 * per)) >= 24 * num_sms:
@@ -105,8 +143,33 @@ def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS) ->
   return PagedConfig(pages_per_split=per)
 
 
+def query_groups(next_n: int, H: int) -> tuple[tuple[int, int], ...]:
+  """``(t0, g)`` per wgmma of a page: query tokens ``t0 .. t0 + g - 1`` (``g * H <= 128``
+  query rows: the wgmma N side, one float32 accumulator of at most 64 registers a thread).
+  Every group reads the page from the same SMEM slot, so the page is loaded once whatever
+  next_n."""
+  per = max(1, 128 // H)
+  return tuple((t0, min(per, next_n - t0)) for t0 in range(0, next_n, per))
+
+
+def kernel_reason(next_n: int, H: int, D: int) -> str | None:
+  """None when :func:`paged_mqa_logits` (this module's entry) can run these shapes, else why
+  not: ``next_n`` in 1..4 (in wgmma groups of ``next_n * H <= 128`` query rows, each page
+  loaded once), ``H`` in {16, 32, 64, 128}, ``D == 128``."""
+  if not 1 <= next_n <= 4:
+    return f"next_n must be in 1..4, got {next_n}"
+  if H not in (16, 32, 64, 128):
+    return f"need H in (16, 32, 64, 128), got H={H}"
+  if D != 128:
+    return f"head dim D must be 128, got {D}"
+  return None
+
+
 def unsupported_reason(next_n: int, H: int, D: int) -> str | None:
-  """None when the kernel takes these shapes, else why not."""
+  """None when the library dispatches these shapes to one kernel call (``nsa_jax.ops``),
+  else why not: ``next_n`` in {1, 2} with ``next_n * H <= 128`` (one wgmma per page). The
+  kernel itself takes next_n up to 4 (:func:`kernel_reason`); ops composes larger next_n from
+  calls of at most 2 tokens until the one-launch form is measured faster on a GPU."""
   if next_n not in (1, 2):
     return f"next_n must be 1 or 2, got {next_n}"
   if H not in (16, 32, 64, 128) or next_n * H > 128:
@@ -116,9 +179,122 @@ def unsupported_reason(next_n: int, H: int, D: int) -> str | None:
   return None
 
 
-def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
-            k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar, *,
-            n, H, num_pages, max_pages, out_pages, config, clean):
+def smem_bytes(next_n: int, H: int, config: PagedConfig) -> int:
+  """Shared memory one CTA of this configuration takes, in bytes (each buffer rounded up to
+  the 1024-byte alignment of a 128-byte swizzle: an estimate, the compiler places them)."""
+  up = lambda x: -(-x // 1024) * 1024  # noqa: E731
+  qbuf = 2 if config.schedule == "persistent" else 1
+  NS = config.num_stages
+  return (up(NS * PAGE * 128) + up(NS * PAGE * 4) + up(qbuf * next_n * H * 128)
+          + up(qbuf * next_n * H * 4) + up(2 * next_n * PAGE * 4)
+          + up(_fill_rows(next_n) * PAGE * 4) + up(8 * (NS + qbuf)))
+
+
+def _fill_rows(n: int) -> int:
+  # A splat store into SMEM wants a multiple of 128 elements: 2 or 4 rows of 64.
+  return 2 if n <= 2 else 4
+
+
+def paged_plan(context_lens, max_context_len: int, num_ctas: int):
+  """The persistent schedule's work split, from the context lengths (a few small XLA ops).
+
+  It depends only on ``context_lens``, ``max_context_len`` and the grid size, so one plan
+  serves every layer of a decode step (compute it once per step and pass it to each layer's
+  call through ``paged_mqa_logits(..., plan=...)``).
+
+  Requests with at least one page to compute come first, in order (``req``); their pages,
+  laid end to end, are cut into ``num_ctas`` runs whose lengths differ by at most one page.
+
+  Args:
+    context_lens: int32 [B].
+    max_context_len: static output width L (pages past it are not computed).
+    num_ctas: static grid size (``PagedConfig.num_ctas``).
+
+  Returns:
+    ``(req, starts)``: ``req`` int32 [B, 3], row r = (request b, its pages to compute,
+    context_lens[b]) with non-empty requests first in batch order; ``starts`` int32
+    [num_ctas + 1, 3], row c = (index r into ``req``, page within that request, flat page
+    index) where CTA c starts; CTA c computes flat pages ``[starts[c, 2], starts[c+1, 2])``.
+    The end of the batch (flat index = all pages) is row (number of non-empty requests, 0).
+  """
+  ctx = context_lens.astype(jnp.int32)
+  out_pages = -(-max_context_len // PAGE)
+  pages = jnp.minimum((jnp.maximum(ctx, 0) + PAGE - 1) // PAGE, out_pages)
+  # Non-empty requests first, in batch order (a scatter, not a sort: a few fused XLA ops).
+  full = pages > 0
+  pos = jnp.where(full, jnp.cumsum(full) - 1, jnp.sum(full) + jnp.cumsum(~full) - 1)
+  row = jnp.stack([jnp.arange(ctx.shape[0], dtype=jnp.int32), pages, ctx], axis=1)
+  req = jnp.zeros_like(row).at[pos].set(row, unique_indices=True)
+  cum = jnp.cumsum(req[:, 1])
+  total = cum[-1]
+  c = jnp.arange(num_ctas + 1, dtype=jnp.int32)
+  # c * total // G without the int32 overflow of c * total.
+  flat = (total // num_ctas) * c + jnp.minimum(c, total % num_ctas)
+  # The plan row holding flat page f: the number of rows that end at or before f; the end
+  # (f = total) maps to the first empty row, so that a CTA's last request is r_end - 1 when
+  # its run ends on a request boundary (empty rows end at total too).
+  r = jnp.minimum(jnp.sum(cum[None, :] <= flat[:, None], axis=1, dtype=jnp.int32),
+                  jnp.sum(full, dtype=jnp.int32))
+  before = jnp.where(r > 0, cum[jnp.maximum(r - 1, 0)], 0)
+  starts = jnp.stack([r, flat - before, flat], axis=1)
+  return req, starts
+
+
+_TMA_DIM = 256  # a TMA box holds at most 256 elements along each dimension
+
+
+def _q_chunks(n: int, H: int) -> tuple[tuple[int, int], ...]:
+  """(row0, rows) of the query/weight copies: n * H rows in boxes of <= 256."""
+  NQ = n * H
+  return tuple((r0, min(_TMA_DIM, NQ - r0)) for r0 in range(0, NQ, _TMA_DIM))
+
+
+def _copy_queries(q_src, w_src, q_dst, w_dst, bar, n, H):
+  """TMA of one request's queries [n*H, D] and weights [n*H]; 2 arrivals per chunk on bar."""
+  for r0, rows in _q_chunks(n, H):
+    plgpu.copy_gmem_to_smem(q_src.at[pl.ds(r0, rows)], q_dst.at[pl.ds(r0, rows)], bar)
+    plgpu.copy_gmem_to_smem(w_src.at[pl.ds(r0, rows)], w_dst.at[pl.ds(r0, rows)], bar)
+
+
+def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w_hoisted):
+  """One page: logits of its 64 tokens for the n queries into ``o_ref`` [n, 64] (SMEM).
+
+  One fp8 wgmma per query group: M = 64 (the page's tokens), N = g * H (the query rows),
+  K = D = 128, float32 accumulate. Then in registers: relu, times the head weight (a per
+  column vector), a sum over each query's H columns (a row reduction within a warp), times
+  the token's scale and the validity mask."""
+  ksc = plgpu.load(ks_ref, layout=plgpu.Layout.WGMMA.reduce(1))
+  for t0, g in query_groups(n, H):
+    NQ = g * H
+    q_g = q_ref if NQ == n * H else q_ref.at[pl.ds(t0 * H, NQ)]
+
+    def mma(acc):
+      plgpu.wgmma(acc, k_ref, q_g.T)
+      return acc[...]
+
+    s = pl.run_scoped(mma, plgpu.ACC((PAGE, NQ), _F32))              # [64 tokens, g*H]
+    if w_hoisted is not None:
+      w = w_hoisted
+    else:
+      w_g = w_ref if NQ == n * H else w_ref.at[pl.ds(t0 * H, NQ)]
+      w = plgpu.load(w_g, layout=plgpu.Layout.WGMMA.reduce(0))
+      w = lax.broadcast_in_dim(w, (PAGE, NQ), [1])
+    s = jnp.maximum(s, 0.0) * w
+    for u in range(g):
+      t = t0 + u
+      r = s[:, u * H:(u + 1) * H].sum(axis=1) * ksc                  # [64]
+      if clean:
+        # Token p is seen by query t iff p <= ctx - n + t (which implies p < ctx).
+        lim = jnp.where(ok, ctx - n + t + 1 - j * PAGE, 0)
+        row = plgpu.broadcasted_iota(jnp.int32, (PAGE,), 0,
+                                     layout=plgpu.Layout.WGMMA.reduce(1))
+        r = jnp.where(row < lim, r, -jnp.inf)
+      o_ref[t, :] = r
+
+
+def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
+                 k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar, *,
+                 n, H, num_pages, max_pages, out_pages, config, clean):
   NS, PS = config.num_stages, config.pages_per_split
   NQ = n * H
   b = lax.axis_index("b")
@@ -133,8 +309,7 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
 
   if clean:
     # Pages past the context only get -inf; these stores overlap the loads below.
-    # The tile holds 2 rows whatever n: a splat store wants a multiple of 128 elements.
-    fill_smem[...] = jnp.full((2, PAGE), -jnp.inf, _F32)
+    fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, _F32)
     plgpu.commit_smem()
 
     @pl.loop(j0 + n_comp, j1)
@@ -153,8 +328,7 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
 
   @pl.when(n_comp > 0)
   def _compute():
-    plgpu.copy_gmem_to_smem(q_gmem.at[b], q_smem, q_bar)
-    plgpu.copy_gmem_to_smem(w_gmem.at[b], w_smem, q_bar)
+    _copy_queries(q_gmem.at[b], w_gmem.at[b], q_smem, w_smem, q_bar, n, H)
     # All first-stage ids are loaded before any copy is issued so that the loads overlap.
     # Indices stop at the last page with context: table entries past it are never read.
     last = j0 + n_comp - 1
@@ -165,8 +339,11 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
         issue(first[st], st)
 
     plgpu.barrier_wait(q_bar)
-    w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-    w = lax.broadcast_in_dim(w, (PAGE, NQ), [1])
+    w = None
+    if len(query_groups(n, H)) == 1:
+      # One group: its weights stay in registers for the whole split.
+      w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+      w = lax.broadcast_in_dim(w, (PAGE, NQ), [1])
 
     @pl.loop(0, n_comp)
     def _(i):
@@ -176,25 +353,10 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       _, ok = page_id(j)
       next_pid, _ = page_id(jnp.minimum(j + NS, last))
       plgpu.barrier_wait(kv_bar.at[slot])
-
-      def mma(acc):
-        plgpu.wgmma(acc, k_smem.at[slot], q_smem.T)
-        return acc[...]
-
-      s = pl.run_scoped(mma, plgpu.ACC((PAGE, NQ), _F32))              # [64 tokens, n*H]
-      ksc = plgpu.load(ks_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(1))
-      s = jnp.maximum(s, 0.0) * w
       oslot = lax.rem(i, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)                  # o_smem[oslot] is free
-      for t in range(n):
-        r = s[:, t * H:(t + 1) * H].sum(axis=1) * ksc                 # [64]
-        if clean:
-          # Token p is seen by query t iff p <= ctx - n + t (which implies p < ctx).
-          lim = jnp.where(ok, ctx - n + t + 1 - j * PAGE, 0)
-          row = plgpu.broadcasted_iota(jnp.int32, (PAGE,), 0,
-                                       layout=plgpu.Layout.WGMMA.reduce(1))
-          r = jnp.where(row < lim, r, -jnp.inf)
-        o_smem[oslot, t, :] = r
+      _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, o_smem.at[oslot],
+                 n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w)
       # Fences the SMEM writes for the TMA store, and orders every read of this slot's
       # scales before the refill below overwrites them.
       plgpu.commit_smem()
@@ -208,19 +370,137 @@ def _kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
   plgpu.wait_smem_to_gmem(0)
 
 
+def _persistent_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, req_gmem, st_gmem,
+                       out_gmem,
+                       k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar, *,
+                       n, H, B, num_pages, max_pages, out_pages, config, clean):
+  """CTA c streams flat pages [starts[c, 2], starts[c + 1, 2]) of the plan (paged_plan).
+
+  Two cursors walk the plan's (request index r, page j) pairs: the compute cursor, and the
+  issue cursor NS pages ahead, which refills the ring slot the compute cursor has just
+  freed; the ring does not drain at a request boundary. The queries and weights are
+  double-buffered: when the compute cursor enters request r, the next request's are loaded
+  into the other buffer (the previous request's wgmmas have all completed by then)."""
+  NS, G = config.num_stages, config.num_ctas
+  c = lax.axis_index("c")
+  r0, pj0, f0 = st_gmem[c, 0], st_gmem[c, 1], st_gmem[c, 2]
+  r_end, j_end, f1 = st_gmem[c + 1, 0], st_gmem[c + 1, 1], st_gmem[c + 1, 2]
+  count = f1 - f0
+  r_last = jnp.where(j_end > 0, r_end, r_end - 1)  # request of this CTA's last page
+
+  def out_rows(b, j):
+    return out_gmem.at[pl.ds(b * n, n), pl.ds(j * PAGE, PAGE)]
+
+  if clean:
+    # Pages past each context only get -inf: CTA c fills those of requests c, c + G, ...
+    fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, _F32)
+    plgpu.commit_smem()
+
+    @pl.loop(0, jnp.maximum(B - c + G - 1, 0) // G)
+    def _(k):
+      b = c + k * G
+      pages_b = jnp.minimum((jnp.maximum(cl_gmem[b], 0) + PAGE - 1) // PAGE, out_pages)
+
+      @pl.loop(pages_b, out_pages)
+      def _(j):
+        plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, n)], out_rows(b, j))
+
+  def request(r):
+    """(b, pages, ctx) of plan row r (clamped into the table: past-the-end rows are read
+    only by cursors that are never used)."""
+    rr = jnp.minimum(r, B - 1)
+    return req_gmem[rr, 0], req_gmem[rr, 1], req_gmem[rr, 2]
+
+  def advance(cur):
+    r, j, b, pages, ctx = cur
+    nb, npg, nctx = request(r + 1)
+    wrap = j + 1 >= pages
+    return (jnp.where(wrap, r + 1, r), jnp.where(wrap, 0, j + 1), jnp.where(wrap, nb, b),
+            jnp.where(wrap, npg, pages), jnp.where(wrap, nctx, ctx))
+
+  def page_id(b, j):
+    raw = bt_gmem[b, jnp.minimum(j, max_pages - 1)]
+    ok = (j < max_pages) & (raw >= 0) & (raw < num_pages)
+    return jnp.clip(raw, 0, num_pages - 1), ok
+
+  def issue(cur, slot):
+    _, j, b, _, _ = cur
+    pid, _ = page_id(b, j)
+    plgpu.copy_gmem_to_smem(k_gmem.at[pid], k_smem.at[slot], kv_bar.at[slot])
+    plgpu.copy_gmem_to_smem(ks_gmem.at[pid], ks_smem.at[slot], kv_bar.at[slot])
+
+  def issue_q(r, qslot):
+    b, _, _ = request(r)
+    _copy_queries(q_gmem.at[b], w_gmem.at[b], q_smem.at[qslot], w_smem.at[qslot],
+                  q_bar.at[qslot], n, H)
+
+  @pl.when(count > 0)
+  def _compute():
+    issue_q(r0, 0)
+    b0, pages0, ctx0 = request(r0)
+    start = (r0, pj0, b0, pages0, ctx0)
+    cur = start
+    for st in range(NS):
+      if st:
+        cur = advance(cur)
+
+      @pl.when(st < count)
+      def _():
+        issue(cur, st)
+
+    def body(i, carry):
+      comp, iss = carry[:5], carry[5:]
+      r, j, b, _, ctx = comp
+      slot = lax.rem(i, NS)
+      qslot = lax.rem(r - r0, 2)
+      iss = advance(iss)  # the page NS ahead of this one
+      _, ok = page_id(b, j)
+
+      @pl.when((i == 0) | (j == 0))
+      def _():
+        plgpu.barrier_wait(q_bar.at[qslot])
+
+        @pl.when(r + 1 <= r_last)
+        def _():
+          issue_q(r + 1, 1 - qslot)
+
+      plgpu.barrier_wait(kv_bar.at[slot])
+      oslot = lax.rem(i, 2)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)                  # o_smem[oslot] is free
+      _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem.at[qslot], w_smem.at[qslot],
+                 o_smem.at[oslot], n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean,
+                 w_hoisted=None)
+      plgpu.commit_smem()
+
+      @pl.when(i + NS < count)
+      def _():
+        issue(iss, slot)
+
+      plgpu.copy_smem_to_gmem(o_smem.at[oslot], out_rows(b, j))
+      return (*advance(comp), *iss)
+
+    lax.fori_loop(0, count, body, (*start, *cur))
+
+  plgpu.wait_smem_to_gmem(0)
+
+
 @functools.partial(jax.jit, static_argnames=("max_context_len", "clean_logits", "interpret",
                                              "config"))
-def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block_tables, *,
-                     max_context_len: int, clean_logits: bool = True,
+def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block_tables,
+                     plan=None, *, max_context_len: int, clean_logits: bool = True,
                      interpret: bool | plgpu.InterpretGPUParams = False,
                      config: PagedConfig | None = None) -> jax.Array:
   """Paged-decode MQA logits (DeepGEMM ``fp8_paged_mqa_logits``) on Hopper.
 
   Args:
-    q_fp8: float8_e4m3fn [B, n, H, D], n = next_n in {1, 2}.
+    q_fp8: float8_e4m3fn [B, n, H, D], n = next_n in 1..4 (:func:`kernel_reason`).
     k_pages: float8_e4m3fn [num_pages, 64, D]; k_scale_pages: float32 [num_pages, 64].
     weights: float32 [B * n, H].
     context_lens: int32 [B]; block_tables: int32 [B, max_pages].
+    plan: ``schedule="persistent"`` only: the ``(req, starts)`` of :func:`paged_plan` for
+      these ``context_lens``, ``max_context_len`` and ``config.num_ctas`` (computed here when
+      None; pass it to share one plan across the layers of a decode step). A plan made from
+      other context lengths gives wrong logits (it is not checked).
     max_context_len: static output width L.
     clean_logits: -inf exactly where a token is invalid; with False those entries are
       unspecified (pages past a request's context are not written at all).
@@ -232,40 +512,66 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
     float32 [B * n, L].
   """
   B, n, H, D = q_fp8.shape
-  why = unsupported_reason(n, H, D)
+  why = kernel_reason(n, H, D)
   if why:
     raise ValueError(f"paged_mqa_logits (pallas): {why}")
   L = max_context_len
   cfg = config or default_config(B, L)
+  persistent = cfg.schedule == "persistent"
+  if plan is not None and not persistent:
+    raise ValueError(f"paged_mqa_logits (pallas): plan is only used by "
+                     f"schedule='persistent', got a plan with {cfg}")
+  need = smem_bytes(n, H, cfg)
+  if need > _SMEM_LIMIT:
+    raise ValueError(f"paged_mqa_logits (pallas): {cfg} at next_n={n}, H={H} needs {need} "
+                     f"bytes of shared memory per CTA, over the {_SMEM_LIMIT} Hopper allows")
   out_pages = -(-L // PAGE)
-  splits = -(-out_pages // cfg.pages_per_split)
   Lp = out_pages * PAGE  # whole pages: see the module docstring
   num_pages, max_pages = k_pages.shape[0], block_tables.shape[1]
-  body = functools.partial(_kernel, n=n, H=H, num_pages=num_pages, max_pages=max_pages,
-                           out_pages=out_pages, config=cfg, clean=clean_logits)
   NS = cfg.num_stages
+  qbuf = (2,) if persistent else ()
+  scratch = [
+      plgpu.SMEM((NS, PAGE, D), _FP8, transforms=_T8),
+      plgpu.SMEM((NS, PAGE), _F32),
+      plgpu.SMEM((*qbuf, n * H, D), _FP8, transforms=_T8),
+      plgpu.SMEM((*qbuf, n * H), _F32),
+      plgpu.SMEM((2, n, PAGE), _F32),
+      plgpu.SMEM((_fill_rows(n), PAGE), _F32),
+      plgpu.Barrier(num_arrivals=2, num_barriers=NS),
+      plgpu.Barrier(num_arrivals=2 * len(_q_chunks(n, H)), num_barriers=2 if persistent else 1),
+  ]
+  common = dict(n=n, H=H, num_pages=num_pages, max_pages=max_pages, out_pages=out_pages,
+                config=cfg, clean=clean_logits)
+  args = [q_fp8.reshape(B, n * H, D), weights.reshape(B, n * H), k_pages, k_scale_pages,
+          context_lens, block_tables]
+  if persistent:
+    if plan is None:
+      plan = paged_plan(context_lens, L, cfg.num_ctas)
+    req, starts = plan
+    if req.shape != (B, 3) or starts.shape != (cfg.num_ctas + 1, 3) \
+        or req.dtype != jnp.int32 or starts.dtype != jnp.int32:
+      raise ValueError(f"paged_mqa_logits (pallas): plan must be paged_plan's (req int32 "
+                       f"[{B}, 3], starts int32 [{cfg.num_ctas + 1}, 3]), got "
+                       f"{req.dtype}{list(req.shape)}, {starts.dtype}{list(starts.shape)}")
+    body = functools.partial(_persistent_kernel, B=B, **common)
+    grid, names = (cfg.num_ctas,), ("c",)
+    args += [req, starts]
+  else:
+    body = functools.partial(_grid_kernel, **common)
+    grid, names = (B, -(-out_pages // cfg.pages_per_split)), ("b", "s")
   kernel = plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((B * n, Lp), _F32),
-      grid=(B, splits),
-      grid_names=("b", "s"),
-      scratch_types=[
-          plgpu.SMEM((NS, PAGE, D), _FP8, transforms=_T8),
-          plgpu.SMEM((NS, PAGE), _F32),
-          plgpu.SMEM((n * H, D), _FP8, transforms=_T8),
-          plgpu.SMEM((n * H,), _F32),
-          plgpu.SMEM((2, n, PAGE), _F32),
-          plgpu.SMEM((2, PAGE), _F32),
-          plgpu.Barrier(num_arrivals=2, num_barriers=NS),
-          plgpu.Barrier(num_arrivals=2),
-      ],
+      grid=grid,
+      grid_names=names,
+      scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
   )
-  out = kernel(q_fp8.reshape(B, n * H, D), weights.reshape(B, n * H), k_pages,
-               k_scale_pages, context_lens, block_tables)
+  out = kernel(*args)
   return out[:, :L] if Lp != L else out
 
 
-__all__ = ["PagedConfig", "default_config", "unsupported_reason", "paged_mqa_logits"]
+__all__ = ["PagedConfig", "SCHEDULES", "default_config", "kernel_reason", "paged_plan",
+           "query_groups", "smem_bytes", "unsupported_reason", "paged_mqa_logits"]

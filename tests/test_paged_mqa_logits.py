@@ -150,6 +150,125 @@ def test_kernel_splits_stages_and_poison(pages_per_split, num_stages):
     assert not get_races().races_found
 
 
+# Kernel variants (PagedConfig): small persistent grids so that one CTA crosses several
+# requests and some CTAs get no page, as well as the default grid.
+def _variants():
+  from kernels_pallas import paged_mqa_logits as kernel
+  P = kernel.PagedConfig
+  return {"grid": None,
+          "grid_p2_s2": P(pages_per_split=2, num_stages=2),
+          "pers_3ctas_s2": P(schedule="persistent", ctas_per_sm=1, num_sms=3, num_stages=2),
+          "pers_16ctas_s4": P(schedule="persistent", ctas_per_sm=2, num_sms=8, num_stages=4)}
+
+
+@pytest.mark.parametrize("variant", ["grid", "grid_p2_s2", "pers_3ctas_s2", "pers_16ctas_s4"])
+@pytest.mark.parametrize("next_n", [1, 2, 3, 4])
+def test_kernel_variants_match_float64(variant, next_n):
+  """Every variant at next_n 1..4 in one launch (3 and 4: two wgmma groups over one page load
+  at H = 64): exact -inf pattern and calc_diff against the float64 oracle, every output
+  element written (NaN-poisoned outputs); ragged contexts with an empty one, a one-page one,
+  lengths shorter than next_n and not multiples of 64, and a width that is not whole pages."""
+  rng = np.random.default_rng(40 + next_n)
+  H = 64 if next_n > 2 else 32
+  p = paged_problem(rng, [1, 64, 0, 150, 333, 2], next_n=next_n, H=H, max_context_len=340)
+  out = np.asarray(_kernel(p, _variants()[variant]))
+  assert out.shape == (6 * next_n, 340)
+  assert not np.isnan(out).any(), "unwritten output elements"
+  ref = paged_mqa_logits_np(p)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+
+
+@pytest.mark.parametrize("variant", ["grid_p2_s2", "pers_3ctas_s2"])
+def test_kernel_wide_queries(variant):
+  """next_n = 4 at H = 128: 512 query rows, copied in two TMA boxes of 256 rows, and four
+  wgmma groups of one query token each over one page load."""
+  rng = np.random.default_rng(11)
+  p = paged_problem(rng, [3, 64, 0, 150], next_n=4, H=128)
+  out = np.asarray(_kernel(p, _variants()[variant]))
+  assert not np.isnan(out).any(), "unwritten output elements"
+  ref = paged_mqa_logits_np(p)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+
+
+@pytest.mark.parametrize("variant", ["pers_3ctas_s2", "pers_16ctas_s4"])
+def test_persistent_batch_of_one_races_and_unclean(variant):
+  """B = 1 (most CTAs idle or one page each), race detection on; and unclean logits keep the
+  valid values."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+  rng = np.random.default_rng(7)
+  cfg = _variants()[variant]
+  p = paged_problem(rng, [389], next_n=2, H=16)
+  out = np.asarray(_kernel(p, cfg, races=True))
+  assert not get_races().races_found
+  ref = paged_mqa_logits_np(p)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+  p = paged_problem(rng, [70, 3, 0], next_n=2, H=64, max_context_len=200)
+  out = np.asarray(_kernel(p, cfg, clean_logits=False))
+  ref = paged_mqa_logits_np(p)
+  valid = ~np.isneginf(ref)
+  assert calc_diff(np.where(valid, out, 0.0), np.where(valid, ref, 0.0)) < 5e-6
+
+
+def test_paged_plan_splits_pages_evenly():
+  """paged_plan against a brute-force walk: non-empty requests first, in order; CTA runs that
+  differ by at most one page and tile the batch's pages; each start names the right
+  (request, page); contexts past max_context_len or negative are clipped."""
+  from kernels_pallas import paged_mqa_logits as kernel
+  rng = np.random.default_rng(8)
+  for B, G, L in [(1, 5, 4096), (7, 3, 500), (16, 40, 2000), (5, 2, 64)]:
+    ctx = rng.integers(-3, L + 200, B).astype(np.int32)
+    ctx[rng.random(B) < 0.3] = 0
+    req, starts = (np.asarray(x) for x in kernel.paged_plan(jnp.asarray(ctx), L, G))
+    pages = np.minimum((np.maximum(ctx, 0) + 63) // 64, -(-L // 64))
+    full = [b for b in range(B) if pages[b] > 0]
+    assert req[:, 0].tolist() == full + [b for b in range(B) if pages[b] == 0]
+    np.testing.assert_array_equal(req[:, 1], pages[req[:, 0]])
+    np.testing.assert_array_equal(req[:, 2], ctx[req[:, 0]])
+    walk = [(r, j) for r, b in enumerate(full) for j in range(pages[b])]
+    total = len(walk)
+    assert starts[0, 2] == 0 and starts[-1, 2] == total
+    runs = np.diff(starts[:, 2])
+    assert runs.min() >= total // G and runs.max() <= -(-total // G)
+    for r, j, f in starts:
+      assert (r, j) == (walk[f] if f < total else (len(full), 0))
+
+
+def test_persistent_plan_argument():
+  """A plan made once (per decode step) gives the same logits as the one made inside; a plan
+  of the wrong shape, or one for the grid schedule, is refused by name."""
+  from kernels_pallas import paged_mqa_logits as kernel
+  rng = np.random.default_rng(9)
+  cfg = _variants()["pers_3ctas_s2"]
+  p = paged_problem(rng, [90, 0, 200], next_n=1, H=16)
+  plan = kernel.paged_plan(p["context_lens"], p["max_context_len"], cfg.num_ctas)
+  f = lambda plan, config=cfg: kernel.paged_mqa_logits(  # noqa: E731
+      p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale, p["weights"], p["context_lens"],
+      p["block_tables"], plan, max_context_len=p["max_context_len"], interpret=_interpret(),
+      config=config)
+  np.testing.assert_array_equal(np.asarray(f(plan)), np.asarray(_kernel(p, cfg)))
+  bad = kernel.paged_plan(p["context_lens"], p["max_context_len"], cfg.num_ctas + 1)
+  with pytest.raises(ValueError, match=r"plan must be paged_plan's"):
+    f(bad)
+  with pytest.raises(ValueError, match=r"plan is only used by schedule='persistent'"):
+    f(plan, kernel.PagedConfig())
+
+
+def test_config_and_shared_memory_checks():
+  from kernels_pallas import paged_mqa_logits as kernel
+  with pytest.raises(ValueError, match="schedule must be one of"):
+    kernel.PagedConfig(schedule="stream")
+  with pytest.raises(ValueError, match="num_stages must be <= 32"):
+    kernel.PagedConfig(num_stages=33)
+  assert kernel.smem_bytes(1, 64, kernel.PagedConfig()) == 46080  # 4 CTAs fit an SM
+  rng = np.random.default_rng(0)
+  p = paged_problem(rng, [10], next_n=4, H=128)
+  with pytest.raises(ValueError, match="bytes of shared memory per CTA"):
+    _kernel(p, kernel.PagedConfig(schedule="persistent", num_stages=16))
+
+
 def test_kernel_bad_values_match_reference():
   """Out-of-range page ids, a context past the table's width and past max_context_len, and
   garbage in table entries past the last page: same -inf pattern and values as the reference,
@@ -194,6 +313,13 @@ def test_unsupported_shapes():
   assert "D" in kernel.unsupported_reason(1, 64, 64)
   assert "H" in kernel.unsupported_reason(2, 128, 128)
   assert "H" in kernel.unsupported_reason(1, 24, 128)
+  # The kernel itself runs next_n up to 4 (ops composes until one launch is measured faster).
+  assert kernel.kernel_reason(4, 128, 128) is None and kernel.kernel_reason(3, 64, 128) is None
+  assert "next_n" in kernel.kernel_reason(5, 64, 128)
+  assert "H" in kernel.kernel_reason(1, 24, 128) and "D" in kernel.kernel_reason(1, 64, 64)
+  assert kernel.query_groups(4, 64) == ((0, 2), (2, 2))
+  assert kernel.query_groups(3, 128) == ((0, 1), (1, 1), (2, 1))
+  assert kernel.query_groups(4, 16) == ((0, 4),)
   rng = np.random.default_rng(0)
   p = paged_problem(rng, [10], next_n=1, H=24)
   with pytest.raises(ValueError, match="does not support"):
@@ -212,10 +338,18 @@ def test_default_config_fills_the_gpu():
     assert ctas >= min(8 * 132, B * -(-L // 64) // 4), (B, L, cfg, ctas)
 
 
-@pytest.mark.parametrize("B,next_n,H,L,clean_logits", [
-    (64, 1, 64, 65536, True), (64, 2, 64, 65536, True), (64, 1, 64, 65536, False),
-    (64, 2, 64, 65536, False), (1, 2, 32, 4099, True), (128, 1, 16, 333, True)])
-def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits):
+_PERSISTENT = dict(schedule="persistent", ctas_per_sm=2, num_stages=4)
+
+
+@pytest.mark.parametrize("B,next_n,H,L,clean_logits,cfg", [
+    (64, 1, 64, 65536, True, None), (64, 2, 64, 65536, True, None),
+    (64, 1, 64, 65536, False, None), (64, 2, 64, 65536, False, None),
+    (1, 2, 32, 4099, True, None), (128, 1, 16, 333, True, None),
+    (64, 3, 64, 65536, True, None), (8, 4, 128, 8192, False, None),
+    (64, 1, 64, 65536, True, _PERSISTENT), (64, 2, 64, 65536, False, _PERSISTENT),
+    (64, 4, 64, 32768, True, dict(_PERSISTENT, ctas_per_sm=1, num_stages=8)),
+    (1, 3, 16, 4099, True, dict(_PERSISTENT, num_stages=16))])
+def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits, cfg):
   """The production shapes (B=64, H=64, D=128, 64K context) and odd ones go through the whole
   Mosaic GPU lowering (layout inference, fp8 wgmma operand checks, TMA descriptors) on a
   CPU-only box. It does not run ptxas: register and shared-memory limits show only on a GPU."""
@@ -225,7 +359,9 @@ def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits):
   args = (jax.ShapeDtypeStruct((B, next_n, H, D), f8), jax.ShapeDtypeStruct((P, 64, D), f8),
           jax.ShapeDtypeStruct((P, 64), f32), jax.ShapeDtypeStruct((B * next_n, H), f32),
           jax.ShapeDtypeStruct((B,), i32), jax.ShapeDtypeStruct((B, W), i32))
-  f = lambda *a: kernel.paged_mqa_logits(*a, max_context_len=L, clean_logits=clean_logits)
+  config = kernel.PagedConfig(**cfg) if cfg else None
+  f = lambda *a: kernel.paged_mqa_logits(*a, max_context_len=L, clean_logits=clean_logits,
+                                         config=config)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
