@@ -40,7 +40,7 @@ from nsa_jax import budget as _budget
 from nsa_jax import ops
 from nsa_jax.cache import IndexKCache
 from nsa_jax.indexer import OUTPUTS, DecodeInputs, Indexer, PrefillInputs
-from nsa_jax.validation import call_checked, describe, static_int
+from nsa_jax.validation import call_checked, checking_enabled, describe, static_int
 
 _CACHE_ARG = 4  # position of ``cache`` in (params, x, qr, inputs, cache)
 
@@ -87,7 +87,7 @@ def _lookup(p: _Program) -> tuple[Callable, Callable]:
 
 
 def _check_args(fn, x, qr, cache):
-  """What jit itself would refuse in its own words (a few isinstance checks per call)."""
+  """What jit itself would refuse in its own words (the slow path only)."""
   if not hasattr(x, "dtype") or not hasattr(qr, "dtype"):
     name, a = ("x", x) if not hasattr(x, "dtype") else ("qr", qr)
     raise ValueError(f"{fn}: {name} must be a float array, got {describe(a)}")
@@ -133,12 +133,15 @@ class IndexerSteps:
     self._graphdef, self._treedef = graphdef, treedef
     # (kind, output) -> (pure, jitted); filled on first use, so a call never hashes graphdef.
     self._fns: dict[tuple[str, str], tuple[Callable, Callable]] = {}
+    # output -> jitted step, what a steady call looks up (filled by the first checked call).
+    self._prefill: dict[str, Callable] = {}
+    self._decode: dict[str, Callable] = {}
 
   def _get(self, kind: str, output: str) -> tuple[Callable, Callable]:
+    if output not in OUTPUTS:  # before hashing it: a list must get this error too
+      raise ValueError(f"IndexerSteps.{kind}: output must be one of {OUTPUTS}, got {output!r}")
     hit = self._fns.get((kind, output))
     if hit is None:
-      if output not in OUTPUTS:
-        raise ValueError(f"IndexerSteps.{kind}: output must be one of {OUTPUTS}, got {output!r}")
       hit = self._fns[(kind, output)] = _lookup(_Program(
           kind, self._graphdef, self._treedef, output, self.backend, self.interpret,
           self._explicit_budget if kind == "prefill" else None))
@@ -161,13 +164,13 @@ class IndexerSteps:
     Returns:
       ``(int32 [T_pad, topk] indices, -1 padded; the new IndexKCache)``.
     """
-    if type(inputs) is not PrefillInputs:
-      raise ValueError(f"IndexerSteps.prefill: inputs must be PrefillInputs (from "
-                       f"nsa_jax.prefill_inputs(batch, block_tables)), got "
-                       f"{type(inputs).__name__}")
-    _check_args("IndexerSteps.prefill", x, qr, cache)
-    # call_checked: in checking mode, a value check that failed inside raises here.
-    return call_checked(self._get("prefill", output)[1], self.params, x, qr, inputs, cache)
+    fn = self._prefill.get(output) if type(output) is str else None
+    # The fast path: one dict lookup, four type checks, one config read, then jax's C++
+    # dispatch. Anything unusual takes _call, which names the bad argument.
+    if (fn is None or type(inputs) is not PrefillInputs or type(cache) is not IndexKCache
+        or not isinstance(x, jax.Array) or not isinstance(qr, jax.Array) or checking_enabled()):
+      return self._call("prefill", PrefillInputs, x, qr, inputs, cache, output)
+    return fn(self.params, x, qr, inputs, cache)
 
   def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots"):
     """Jitted :meth:`Indexer.decode <nsa_jax.Indexer.decode>`; donates ``cache``.
@@ -182,12 +185,24 @@ class IndexerSteps:
     Returns:
       ``(int32 [B_pad * next_n, topk] indices, -1 padded; the new IndexKCache)``.
     """
-    if type(inputs) is not DecodeInputs:
-      raise ValueError(f"IndexerSteps.decode: inputs must be DecodeInputs (from "
-                       f"nsa_jax.decode_inputs(context_lens, block_tables)), got "
-                       f"{type(inputs).__name__}")
-    _check_args("IndexerSteps.decode", x, qr, cache)
-    return call_checked(self._get("decode", output)[1], self.params, x, qr, inputs, cache)
+    fn = self._decode.get(output) if type(output) is str else None
+    if (fn is None or type(inputs) is not DecodeInputs or type(cache) is not IndexKCache
+        or not isinstance(x, jax.Array) or not isinstance(qr, jax.Array) or checking_enabled()):
+      return self._call("decode", DecodeInputs, x, qr, inputs, cache, output)
+    return fn(self.params, x, qr, inputs, cache)
+
+  def _call(self, kind, inputs_type, x, qr, inputs, cache, output):
+    """The checked path: first call per output, numpy arguments, checking mode, bad input."""
+    if type(inputs) is not inputs_type:
+      made_by = ("nsa_jax.prefill_inputs(batch, block_tables)" if kind == "prefill" else
+                 "nsa_jax.decode_inputs(context_lens, block_tables)")
+      raise ValueError(f"IndexerSteps.{kind}: inputs must be {inputs_type.__name__} (from "
+                       f"{made_by}), got {type(inputs).__name__}")
+    _check_args(f"IndexerSteps.{kind}", x, qr, cache)
+    fn = self._get(kind, output)[1]
+    (self._prefill if kind == "prefill" else self._decode)[output] = fn
+    # call_checked: in checking mode, a value check that failed inside raises here.
+    return call_checked(fn, self.params, x, qr, inputs, cache)
 
   # ------------------------------------------------------------------ inside your own jit
 

@@ -5,6 +5,7 @@ user's own (README, "Every layer in one jit")."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,89 @@ def test_steady_call_merges_nothing_queries_nothing_transfers_nothing(model, mem
       out_d, cache = s.decode(xd, qd, d, cache)
     jax.block_until_ready((out, out_d, cache))
   assert COMPILES.n == c0 and not merges and len(memory_queries) == q0
+
+
+# Python functions a steady call may run: the method itself, the checking-mode read, and the
+# IndexKCache pytree's flatten and unflatten (jax calls those for a custom pytree node).
+STEADY_PY_CALLS = 4
+
+
+def python_calls(call):
+  """(Python functions entered, as 'file:function') while ``call()`` runs, via sys.setprofile."""
+  seen = []
+
+  def prof(frame, event, _arg):
+    if event == "call":
+      seen.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+  sys.setprofile(prof)
+  try:
+    out = call()
+  finally:
+    sys.setprofile(None)
+  return seen, out
+
+
+def test_steady_call_is_jax_cpp_dispatch(model):
+  """A steady call runs a few Python functions of nsa_jax and goes straight to jax's C++
+  dispatch: not one Python frame of jax or flax (a Python fallback, a cache miss, a retrace,
+  a pytree flattened through Python callbacks of nnx all show up here)."""
+  _, steps, tables, P = model
+  s = steps[1]
+  rng = np.random.default_rng(4)
+  cache = fresh_caches(P)[1]
+  b = nsa_jax.build_ragged_batch([30, 20, 10], [0, 0, 0])
+  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
+  x, qr = bf16(rng, b.T_pad, CFG.dim), bf16(rng, b.T_pad, CFG.q_lora_rank)
+  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
+  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
+  for _ in range(2):  # compiles (or finds) both programs, then one steady call each
+    out, cache = s.prefill(x, qr, inp, cache)
+    out_d, cache = s.decode(xd, qd, d, cache)
+  jax.block_until_ready((out, out_d))
+  for name, call in (("prefill", lambda c: s.prefill(x, qr, inp, c)),
+                     ("decode", lambda c: s.decode(xd, qd, d, c))):
+    seen, (out, cache) = python_calls(lambda: call(cache))
+    jax.block_until_ready(out)
+    ours = [f for f in seen if "/nsa_jax/" in f]
+    others = [f for f in seen if "/nsa_jax/" not in f and not f.endswith("test_steps.py:<lambda>")]
+    assert not others, f"{name}: a steady call ran Python outside nsa_jax: {others}"
+    assert len(ours) <= STEADY_PY_CALLS, f"{name}: {len(ours)} Python calls: {ours}"
+
+
+def test_checking_mode_after_steady_calls_still_checks(model):
+  """The fast path must not skip checking mode: a bad page id after steady calls (the
+  fast path taken) raises at the call inside checking(), and steady calls still work after."""
+  _, steps, tables, P = model
+  s = steps[2]
+  rng = np.random.default_rng(5)
+  cache = fresh_caches(P)[2]
+  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
+  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
+  for _ in range(2):
+    out, cache = s.decode(xd, qd, d, cache)
+  bad_tables = np.array(d.block_tables)
+  bad_tables[0, 0] = P + 5
+  bad = nsa_jax.indexer.DecodeInputs(context_lens=d.context_lens,
+                                     block_tables=jax.device_put(bad_tables))
+  with pytest.raises(ValueError, match=r"block_tables\[0, 0\] = %d is not a page" % (P + 5)):
+    with nsa_jax.checking():
+      out, cache = s.decode(xd, qd, bad, cache)
+  cache = fresh_caches(P)[2]
+  out, cache = s.decode(xd, qd, d, cache)
+  assert out.shape == (4, CFG.topk)
+
+
+def test_numpy_arguments_take_the_checked_path(model):
+  """x and qr as numpy arrays (not on the device) still work and give the same indices."""
+  _, steps, tables, P = model
+  s = steps[0]
+  rng = np.random.default_rng(6)
+  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
+  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
+  ref, _ = s.decode(xd, qd, d, fresh_caches(P)[0])
+  out, _ = s.decode(np.asarray(xd), np.asarray(qd), d, fresh_caches(P)[0])
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
 def test_inputs_of_the_wrong_kind_are_named(model):
