@@ -86,6 +86,11 @@ def _lookup(p: _Program) -> tuple[Callable, Callable]:
   return hit
 
 
+# Concrete array types (jax's ArrayImpl, numpy's ndarray once seen) that the fast path takes
+# for x and qr with a set lookup; filled by the checked path from the arguments it accepted.
+_ARRAY_TYPES: set[type] = set()
+
+
 def _check_args(fn, x, qr, cache):
   """What jit itself would refuse in its own words (the slow path only)."""
   if not hasattr(x, "dtype") or not hasattr(qr, "dtype"):
@@ -93,6 +98,9 @@ def _check_args(fn, x, qr, cache):
     raise ValueError(f"{fn}: {name} must be a float array, got {describe(a)}")
   if type(cache) is not IndexKCache:
     raise ValueError(f"{fn}: cache must be an IndexKCache, got {type(cache).__name__}")
+  for a in (x, qr):
+    if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+      _ARRAY_TYPES.add(type(a))
 
 
 class IndexerSteps:
@@ -166,9 +174,10 @@ class IndexerSteps:
     """
     fn = self._prefill.get(output) if type(output) is str else None
     # The fast path: one dict lookup, four type checks, one config read, then jax's C++
-    # dispatch. Anything unusual takes _call, which names the bad argument.
+    # dispatch. Anything else (first call, numpy or traced arguments, checking mode, bad
+    # input) takes _call, which checks and names a bad argument.
     if (fn is None or type(inputs) is not PrefillInputs or type(cache) is not IndexKCache
-        or not isinstance(x, jax.Array) or not isinstance(qr, jax.Array) or checking_enabled()):
+        or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES or checking_enabled()):
       return self._call("prefill", PrefillInputs, x, qr, inputs, cache, output)
     return fn(self.params, x, qr, inputs, cache)
 
@@ -187,7 +196,7 @@ class IndexerSteps:
     """
     fn = self._decode.get(output) if type(output) is str else None
     if (fn is None or type(inputs) is not DecodeInputs or type(cache) is not IndexKCache
-        or not isinstance(x, jax.Array) or not isinstance(qr, jax.Array) or checking_enabled()):
+        or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES or checking_enabled()):
       return self._call("decode", DecodeInputs, x, qr, inputs, cache, output)
     return fn(self.params, x, qr, inputs, cache)
 
