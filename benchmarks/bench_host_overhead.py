@@ -130,6 +130,7 @@ def _kernels(call, cache, calls=10):
   if jax.default_backend() != "gpu":
     return None, cache
   try:
+    import torch
     from torch.profiler import ProfilerActivity, profile
   except ImportError:
     return None, cache
@@ -140,7 +141,7 @@ def _kernels(call, cache, calls=10):
       out, cache = call(cache)
       jax.block_until_ready(out)
   n = sum(1 for e in prof.events()
-          if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()
+          if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
           and "memset" not in e.name.lower())
   return n / calls, cache
 
