@@ -98,8 +98,8 @@ def _lookup(p: _Program) -> tuple[Callable, Callable]:
   return hit
 
 
-# Concrete array types (jax's ArrayImpl, numpy's ndarray once seen) that the fast path takes
-# for x and qr with a set lookup; filled by the checked path from the arguments it accepted.
+# Concrete jax array types that the fast path takes for x and qr by a set lookup (cheaper
+# than isinstance against jax.Array's ABC); filled by the checked path from what it accepted.
 _ARRAY_TYPES: set[type] = set()
 
 
