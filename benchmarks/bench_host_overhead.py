@@ -136,11 +136,16 @@ def _kernels(call, cache, calls=10):
     return None, cache
   out, cache = call(cache)
   jax.block_until_ready(out)
-  with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(calls):
-      out, cache = call(cache)
-      jax.block_until_ready(out)
-  n = sum(1 for e in prof.events()
+  try:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+      for _ in range(calls):
+        out, cache = call(cache)
+        jax.block_until_ready(out)
+    events = prof.events()
+  except RuntimeError as e:  # a profiler that cannot start must not cost the timings
+    print(f"  (no kernel count: {e})", flush=True)
+    return None, cache
+  n = sum(1 for e in events
           if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
           and "memset" not in e.name.lower())
   return n / calls, cache
