@@ -6,9 +6,10 @@ Design (Hopper, one CTA per block of ``block_q`` query tokens):
 - The ``block_q * H`` (= 128) query rows of the block are the wgmma N side, loaded once into
   SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128. fp8 wgmma needs both
   operands K-major, which q [T*H, D] and k [S, D] already are, so nothing is transposed.
-- Warp specialization: warpgroup 2 is the TMA producer (a ``num_stages`` ring of key and
-  k_scale tiles with full/free mbarriers); warpgroups 0 and 1 consume alternate key tiles, so
-  one's epilogue (relu, weight, head sum on the CUDA cores) overlaps the other's wgmma.
+- Warp specialization: the last warpgroup is the TMA producer (a ``num_stages`` ring of key
+  and k_scale tiles with full/free mbarriers); by default warpgroups 0 and 1 consume alternate
+  key tiles, so one's epilogue (relu, weight, head sum on the CUDA cores) overlaps the
+  other's wgmma.
 - Epilogue in registers: the f32 accumulator [block_kv, block_q * H] gets relu and the
   per-column weight, each query's H columns are summed (lane shuffles within a quad), the sum
   is scaled by k_scale (after the head sum: one multiply per logit, not per head) and masked.
@@ -20,6 +21,12 @@ Design (Hopper, one CTA per block of ``block_q`` query tokens):
   the end are dropped. ks/ke are clamped to [0, S] and padded to whole query blocks, so no
   scalar read is out of bounds whatever the values.
 - Deterministic: every logit is computed by one warpgroup in a fixed order.
+
+Schedule knobs (``MqaLogitsConfig``; ``variant_configs`` lists the candidates benchmarked
+against each other and DeepGEMM on the H200): 2-4 math warpgroups taking whole key tiles in
+turn or all sharing each tile by rows (DeepGEMM's layout: 4 x 64 keys of a 256-key tile);
+the wgmma split into two query-side halves so that one half's epilogue overlaps the other's
+MMA; double-buffered output tiles; wider -inf fill stores; launch order of the query blocks.
 """
 
 from __future__ import annotations
@@ -44,14 +51,24 @@ class MqaLogitsConfig:
 
   Attributes:
     block_q: query tokens per CTA; ``block_q * H`` (the wgmma N side) must be 128 or 256.
-    block_kv: keys per wgmma (the M side), 64 or 128; ``block_kv * block_q * H`` <= 128 * 128
-      keeps the f32 accumulator at <= 128 registers per thread.
+    block_kv: keys per TMA tile (one ring slot), 64 to 256.
     num_stages: depth of the TMA ring of key tiles.
     heavy_first: take query blocks in reverse order: in a causal prefill the last queries
       see the most keys, and starting them first shortens the tail.
     num_ctas: persistent grid size (each CTA loops over query blocks, its TMA ring running
-      across block boundaries); None = the GPU's SM count (1 CTA per SM: the two math
-      warpgroups take 232 registers a thread).
+      across block boundaries); None = the GPU's SM count (1 CTA per SM).
+    num_consumers: math warpgroups (2 to 4). More of them interleave one's CUDA-core
+      epilogue with the others' wgmma at a smaller accumulator each (the register file
+      is shared: 232 registers a thread for 2, 152 for 3, 120 for 4).
+    kv_split: every consumer takes every key tile, ``block_kv / num_consumers`` rows of it
+      (one TMA ring slot feeds all math warpgroups at once); False: consumers take whole
+      tiles in turn (``num_stages`` must then be a multiple of ``num_consumers``).
+    split_n: issue each tile's wgmma as two halves of the query side (two accumulators,
+      two commit groups) and run the first half's epilogue while the second's MMA runs.
+    out_buffers: SMEM output tiles per consumer (1 or 2); with 2 a tile's epilogue does not
+      wait for the TMA store of the consumer's previous tile to leave SMEM.
+    fill_tiles: key tiles per TMA store of the ``-inf`` fill (fewer, larger stores); the
+      store box is at most 256 keys wide.
   """
 
   block_q: int
@@ -59,16 +76,85 @@ class MqaLogitsConfig:
   num_stages: int = 4
   heavy_first: bool = True
   num_ctas: int | None = None
+  num_consumers: int = 2
+  kv_split: bool = False
+  split_n: bool = False
+  out_buffers: int = 1
+  fill_tiles: int = 1
 
   @classmethod
   def for_heads(cls, num_heads: int) -> "MqaLogitsConfig":
     return cls(block_q=_WGMMA_N // num_heads)
 
+  @property
+  def sub_kv(self) -> int:
+    """Keys per consumer wgmma (the M side)."""
+    return self.block_kv // self.num_consumers if self.kv_split else self.block_kv
+
+  def smem_bytes(self, num_heads: int, head_dim: int = 128) -> int:
+    nq = self.block_q * num_heads
+    return (2 * nq * head_dim + 2 * nq * 4 + self.num_stages * self.block_kv * (head_dim + 4)
+            + self.num_consumers * self.out_buffers * self.block_q * self.sub_kv * 4
+            + self.block_q * (max(self.block_kv, 128 // self.block_q)
+                              + (self.fill_tiles * self.block_kv if self.fill_tiles > 1 else 0)) * 4)
+
   def check(self, num_heads: int) -> None:
     nq = self.block_q * num_heads
-    if nq not in (128, 256) or self.block_kv not in (64, 128) or self.block_kv * nq > 128 * 128:
-      raise ValueError(f"mqa_logits kernel: unsupported config {self} for H={num_heads}: need "
-                       "block_q * H in (128, 256), block_kv in (64, 128), product <= 16384")
+    nc, sub = self.num_consumers, self.sub_kv
+    acc_regs = sub * nq // 128            # f32 accumulator registers a thread
+    problems = []
+    if nq not in (128, 256):
+      problems.append("block_q * H must be 128 or 256")
+    if nc not in (2, 3, 4):
+      problems.append("num_consumers must be 2, 3 or 4")
+    elif self.kv_split and self.block_kv % nc:
+      problems.append("kv_split needs block_kv divisible by num_consumers")
+    elif sub not in (64, 128):
+      problems.append("keys per consumer wgmma (block_kv, or block_kv / num_consumers with "
+                      "kv_split) must be 64 or 128")
+    elif acc_regs > (128 if nc == 2 else 64):
+      problems.append(f"accumulator of {acc_regs} registers a thread is too large for "
+                      f"{nc} consumers")
+    if not 64 <= self.block_kv <= 256:
+      problems.append("block_kv must be in [64, 256]")
+    if not self.kv_split and self.num_stages % nc:
+      problems.append("without kv_split num_stages must be a multiple of num_consumers")
+    if self.num_stages < 2 or self.out_buffers not in (1, 2):
+      problems.append("num_stages >= 2 and out_buffers in (1, 2)")
+    if self.fill_tiles < 1 or self.fill_tiles * self.block_kv > 256:
+      problems.append("fill_tiles * block_kv must be in [block_kv, 256]")
+    if not problems and self.smem_bytes(num_heads) > 220 * 1024:
+      problems.append(f"{self.smem_bytes(num_heads)} bytes of SMEM (> 220 KiB)")
+    if problems:
+      raise ValueError(f"mqa_logits kernel: unsupported config {self} for H={num_heads}: "
+                       + "; ".join(problems))
+
+
+def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
+  """The candidate schedules that ``benchmarks/bench_mqa_variants.py`` times against each
+  other (and the tests run in interpret mode); "default" is what ``mqa_logits`` uses.
+
+  - launch_order: query blocks in launch order instead of heaviest first.
+  - ob2_fill2: two output tiles per consumer and -inf fill stores two key tiles wide.
+  - split_n: each tile's wgmma in two query-side halves, the first half's epilogue
+    overlapping the second's MMA.
+  - nc3_split / nc4_split: DeepGEMM's shape of the work: 3 or 4 math warpgroups on every
+    key tile (192 or 256 keys), 64 keys each; nc4_split_n adds split_n.
+  - nc4_alt: 4 math warpgroups taking 64-key tiles in turn (8-stage ring).
+  """
+  base = MqaLogitsConfig.for_heads(num_heads)
+  r = dataclasses.replace
+  return {
+      "default": base,
+      "launch_order": r(base, heavy_first=False),
+      "ob2_fill2": r(base, out_buffers=2, fill_tiles=2),
+      "split_n": r(base, split_n=True, out_buffers=2),
+      "nc3_split": r(base, block_kv=192, num_consumers=3, kv_split=True, out_buffers=2),
+      "nc4_split": r(base, block_kv=256, num_consumers=4, kv_split=True, out_buffers=2),
+      "nc4_split_n": r(base, block_kv=256, num_consumers=4, kv_split=True, split_n=True,
+                       out_buffers=2),
+      "nc4_alt": r(base, block_kv=64, num_consumers=4, num_stages=8, out_buffers=2),
+  }
 
 
 def unsupported_reason(num_heads: int, head_dim: int) -> str | None:
@@ -91,19 +177,46 @@ def _fp8_transforms():
   return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 
 
+_REGISTERS = {2: (40, 232), 3: (40, 152), 4: (32, 120)}  # (producer, consumer) a thread
+
+
 def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogitsConfig,
            clean: bool, num_ctas: int, interpret):
-  BQ, BKV, NS = cfg.block_q, cfg.block_kv, cfg.num_stages
+  BQ, BKV, NS, NC = cfg.block_q, cfg.block_kv, cfg.num_stages, cfg.num_consumers
   NQ = BQ * H
+  SUB = cfg.sub_kv                            # keys per consumer wgmma
+  NPARTS = NC if cfg.kv_split else 1          # row slices of a key tile in SMEM
+  NQP = 2 if cfg.split_n else 1               # query-side halves (accumulators) per wgmma
+  NQH = NQ // NQP
+  OB = cfg.out_buffers
+  FILL = cfg.fill_tiles
   num_kv_blocks = pl.cdiv(S, BKV)
+  full_kv_blocks = S // BKV                   # tiles wholly inside [0, S)
   num_q_blocks = T_pad // BQ
   G = num_ctas
+  # Consecutive tiles of one consumer: all tiles with kv_split, every NC-th otherwise.
+  STEP = 1 if cfg.kv_split else NC
+  prod_regs, cons_regs = _REGISTERS[NC]
   f32 = jnp.float32
   row_layout = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row (key)
   col_layout = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column (query, head)
 
+  # Which query's head columns each accumulator half holds: [(query, first, end)] in the
+  # half's own column numbering (with H = 128 and split_n a query spans both halves).
+  half_cols = []
+  for p in range(NQP):
+    c0, c1 = p * NQH, (p + 1) * NQH
+    half_cols.append([(j, max(j * H, c0) - c0, min((j + 1) * H, c1) - c0)
+                      for j in range(BQ) if j * H < c1 and (j + 1) * H > c0])
+
   def kernel(q_ref, k_ref, ksc_ref, w_ref, ks_ref, ke_ref, lo_ref, hi_ref, total_ref, out_ref,
-             q_smem, w_smem, k_smem, ksc_smem, o_smem, q_bar, q_free, kv_bar, free_bar):
+             q_smem, w_smem, k_smem, ksc_smem, o_smem, *rest):
+    ninf = ninf_wide = None
+    if clean and FILL > 1:
+      ninf, ninf_wide, *rest = rest
+    elif clean:
+      ninf, *rest = rest
+    q_bar, q_free, kv_bar, free_bar = rest
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
     # CTA c takes the query blocks of launch order c, c + G, c + 2G, ... Heaviest first in a
@@ -120,12 +233,13 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
       lo = lo_ref[qb]
       return qb, t0, buf, lo, hi_ref[qb] - lo
 
-    @pl.when(wg == 2)
+    @pl.when(wg == NC)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(prod_regs, action="decrease")
       if clean:
-        ninf = o_smem.at[2]
-        ninf[...] = jnp.full((BQ, BKV), -jnp.inf, f32)
+        ninf[...] = jnp.full(ninf.shape, -jnp.inf, f32)
+        if FILL > 1:
+          ninf_wide[...] = jnp.full(ninf_wide.shape, -jnp.inf, f32)
         plgpu.commit_smem()
 
       def per_block(m, g):
@@ -133,9 +247,11 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
 
         @pl.when(m >= 2)
         def _():
-          plgpu.barrier_wait(q_free.at[buf])   # both consumers are done with block m - 2
+          plgpu.barrier_wait(q_free.at[buf])   # all consumers are done with block m - 2
 
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t0 * H, NQ)], q_smem.at[buf], q_bar.at[buf])
+        for p in range(NQP):
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t0 * H + p * NQH, NQH)], q_smem.at[buf, p],
+                                  q_bar.at[buf])
         plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(t0 * H, NQ)], w_smem.at[buf], q_bar.at[buf])
 
         @pl.loop(0, n)
@@ -147,53 +263,85 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
             plgpu.barrier_wait(free_bar.at[slot])
 
           s0 = (lo + i) * BKV
-          plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(s0, BKV)], k_smem.at[slot], kv_bar.at[slot])
+          for p in range(NPARTS):
+            plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(s0 + p * SUB, BKV // NPARTS)],
+                                    k_smem.at[slot, p], kv_bar.at[slot])
           plgpu.copy_gmem_to_smem(ksc_ref.at[pl.ds(s0, BKV)], ksc_smem.at[slot], kv_bar.at[slot])
 
         if clean:
           # -inf for the tiles outside [lo, hi): TMA stores of one constant tile, issued
-          # while the consumers work through the tiles just loaded.
-          def fill(b):
-            plgpu.copy_smem_to_gmem(ninf, out_ref.at[pl.ds(t0, BQ), pl.ds(b * BKV, BKV)])
+          # while the consumers work through the tiles just loaded. Wide stores only where
+          # they lie wholly inside [0, S) (so no store relies on clipping at the row end);
+          # single tiles for the rest.
+          def fill1(b):
+            plgpu.copy_smem_to_gmem(ninf.at[:, pl.ds(0, BKV)] if BQ == 1 else ninf,
+                                    out_ref.at[pl.ds(t0, BQ), pl.ds(b * BKV, BKV)])
 
-          pl.loop(0, lo)(fill)
-          pl.loop(lo + n, num_kv_blocks)(fill)
+          def fill_range(b0, b1):
+            if FILL == 1:
+              pl.loop(b0, b1)(fill1)
+              return
+            nwide = jnp.maximum(jnp.minimum(b1, full_kv_blocks) - b0, 0) // FILL
+
+            @pl.loop(0, nwide)
+            def _(c):
+              plgpu.copy_smem_to_gmem(
+                  ninf_wide, out_ref.at[pl.ds(t0, BQ), pl.ds((b0 + c * FILL) * BKV, FILL * BKV)])
+
+            pl.loop(b0 + nwide * FILL, b1)(fill1)
+
+          fill_range(0, lo)
+          fill_range(lo + n, num_kv_blocks)
         return g + n
 
       lax.fori_loop(0, my_blocks, per_block, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg < 2)
+    @pl.when(wg < NC)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
-      out_buf = o_smem.at[wg]
+      plgpu.set_max_registers(cons_regs, action="increase")
+      part = wg if cfg.kv_split else 0     # the row slice of each tile this consumer takes
 
       def per_block(m, g):
         qb, t0, buf, lo, n = block_of(m)
         kss = [ks_ref[t0 + j] for j in range(BQ)]
         kes = [ke_ref[t0 + j] for j in range(BQ)]
         plgpu.barrier_wait(q_bar.at[buf])
-        w = plgpu.load(w_smem.at[buf], layout=col_layout)
+        ws = [plgpu.load(w_smem.at[buf, pl.ds(p * NQH, NQH)], layout=col_layout)
+              for p in range(NQP)]
 
-        # Tiles alternate between the two consumers by their CTA-wide index g + i.
-        @pl.loop(lax.rem(wg + g, 2), n, step=2)
-        def _step(i):
+        def step(i):
           slot = lax.rem(g + i, NS)
-          s0 = (lo + i) * BKV
+          s0 = (lo + i) * BKV + part * SUB     # first key of this consumer's rows
           plgpu.barrier_wait(kv_bar.at[slot])
 
-          def mma(acc_ref):
-            plgpu.wgmma(acc_ref, k_smem.at[slot], q_smem.at[buf].T)
-            return acc_ref[...]
+          def mma(*accs):
+            for p in range(NQP):
+              plgpu.wgmma(accs[p], k_smem.at[slot, part], q_smem.at[buf, p].T)
+            sums = [None] * BQ
+            for p in range(NQP):
+              # The first half's epilogue runs while the second half's MMA is in flight.
+              s = plgpu.wgmma_accumulator_load(accs[p], wait_n=NQP - 1 - p)
+              s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(ws[p], (SUB, NQH), [1])
+              for j, c0, c1 in half_cols[p]:
+                r = s[:, c0:c1].sum(axis=1)
+                sums[j] = r if sums[j] is None else sums[j] + r
+            return sums
 
-          s = pl.run_scoped(mma, plgpu.ACC((BKV, NQ), f32))
-          ksc = plgpu.load(ksc_smem.at[slot], layout=row_layout)
-          s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, (BKV, NQ), [1])
-          pos = s0 + plgpu.broadcasted_iota(jnp.int32, (BKV,), 0, layout=row_layout)
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # our previous tile left out_buf
+          sums = pl.run_scoped(mma, *[plgpu.ACC((SUB, NQH), f32)] * NQP)
+          if cfg.kv_split:
+            ksc = plgpu.load(ksc_smem.at[slot, pl.ds(part * SUB, SUB)], layout=row_layout)
+          else:
+            ksc = plgpu.load(ksc_smem.at[slot], layout=row_layout)
+          pos = s0 + plgpu.broadcasted_iota(jnp.int32, (SUB,), 0, layout=row_layout)
+          ob = lax.rem((g + i) // STEP, OB) if OB > 1 else 0
+          out_buf = o_smem.at[wg, ob]
+          # This buffer's previous TMA store has left SMEM (older stores may be in flight).
+          plgpu.wait_smem_to_gmem(OB - 1, wait_read_only=True)
           for j in range(BQ):
-            r = s[:, j * H:(j + 1) * H].sum(axis=1) * ksc
-            out_buf[j, :] = jnp.where((pos >= kss[j]) & (pos < kes[j]), r, -jnp.inf)
+            # k_scale after the head sum: one multiply per logit, not per head.
+            out_buf[j, :] = jnp.where((pos >= kss[j]) & (pos < kes[j]), sums[j] * ksc,
+                                      -jnp.inf)
           # commit_smem syncs the warpgroup, so every thread's read of ksc_smem[slot] is done
           # before the single-thread arrive that lets the producer refill the slot.
           plgpu.commit_smem()
@@ -202,7 +350,13 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
           def _():
             plgpu.barrier_arrive(free_bar.at[slot])
 
-          plgpu.copy_smem_to_gmem(out_buf, out_ref.at[pl.ds(t0, BQ), pl.ds(s0, BKV)])
+          plgpu.copy_smem_to_gmem(out_buf, out_ref.at[pl.ds(t0, BQ), pl.ds(s0, SUB)])
+
+        if cfg.kv_split:
+          pl.loop(0, n)(step)
+        else:
+          # Tiles go to the consumers in turn by their CTA-wide index g + i.
+          pl.loop(lax.rem(wg + NC - lax.rem(g, NC), NC), n, step=NC)(step)
 
         # Every wgmma on q_smem[buf] has been waited for (accumulator reads) and w is in
         # registers; the sync orders this warpgroup's reads before the arrive.
@@ -218,24 +372,33 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
       plgpu.wait_smem_to_gmem(0)
 
   f8 = jnp.float8_e4m3fn
+  scratch = [
+      plgpu.SMEM((2, NQP, NQH, D), f8, transforms=_fp8_transforms()),  # double-buffered
+      plgpu.SMEM((2, NQ), f32),                                        # queries and weights
+      plgpu.SMEM((NS, NPARTS, BKV // NPARTS, D), f8, transforms=_fp8_transforms()),
+      plgpu.SMEM((NS, BKV), f32),
+      plgpu.SMEM((NC, OB, BQ, SUB), f32),   # output tiles of each consumer
+  ]
+  if clean:
+    # The constant -inf tiles (a splat store needs >= 128 elements: one row of 64 keys at
+    # H = 128 gets a wider buffer, of which a contiguous prefix is stored).
+    scratch.append(plgpu.SMEM((BQ, max(BKV, 128 // BQ)), f32))
+    if FILL > 1:
+      scratch.append(plgpu.SMEM((BQ, FILL * BKV), f32))
+  scratch += [
+      plgpu.Barrier(num_arrivals=NQP + 1, num_barriers=2),     # q_bar: q and w landed
+      plgpu.Barrier(num_arrivals=NC, num_barriers=2),          # q_free: consumers done
+      plgpu.Barrier(num_arrivals=NPARTS + 1, num_barriers=NS),  # kv_bar: keys and scales
+      plgpu.Barrier(num_arrivals=NPARTS, num_barriers=NS),     # free_bar: slot consumed
+  ]
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((T, S_out), f32),  # rows past T: stores dropped
       grid=(G,),
       grid_names=("cta",),
-      num_threads=3,
+      num_threads=NC + 1,
       thread_name="wg",
-      scratch_types=[
-          plgpu.SMEM((2, NQ, D), f8, transforms=_fp8_transforms()),  # double-buffered
-          plgpu.SMEM((2, NQ), f32),                                  # queries and weights
-          plgpu.SMEM((NS, BKV, D), f8, transforms=_fp8_transforms()),
-          plgpu.SMEM((NS, BKV), f32),
-          plgpu.SMEM((3, BQ, BKV), f32),        # one output tile per consumer + the -inf tile
-          plgpu.Barrier(num_arrivals=2, num_barriers=2),   # q_bar: q and w landed
-          plgpu.Barrier(num_arrivals=2, num_barriers=2),   # q_free: both consumers done
-          plgpu.Barrier(num_arrivals=2, num_barriers=NS),  # kv_bar: key tile and scales landed
-          plgpu.Barrier(num_arrivals=1, num_barriers=NS),  # free_bar: slot consumed
-      ],
+      scratch_types=scratch,
       compiler_params=plgpu.CompilerParams(),
       interpret=interpret,
   )
