@@ -1,5 +1,7 @@
 """Ragged-prefill MQA logits: reference and xla backend against float64 numpy oracles."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,16 +97,27 @@ def _interpret_params(races=False):
   return plgpu.InterpretGPUParams(detect_races=races, uninitialized_memory="nan")
 
 
-@pytest.mark.parametrize("H", [64, 32])
-def test_kernel_interpret_matches_float64(H):
+def _variant_names():
   from kernels_pallas import mqa_logits as kernel
+  return list(kernel.variant_configs(64))
+
+
+VARIANTS = _variant_names()
+# Every variant over the ragged cases at H = 64; the default schedule at every H.
+_SWEEP = [(v, 64) for v in VARIANTS] + [("default", 32), ("default", 128)]
+
+
+@pytest.mark.parametrize("variant,H", _SWEEP)
+def test_kernel_interpret_matches_float64(variant, H):
+  from kernels_pallas import mqa_logits as kernel
+  cfg = kernel.variant_configs(H)[variant]
   rng = np.random.default_rng(20 + H)
   for name, T, S, ks, ke in _ragged_cases(rng):
     if T * S > 10_000:
       continue  # interpret mode is slow; the larger cases run on the GPU
     p = random_problem(rng, T, S, H=H, ks=ks, ke=ke)
     out = kernel.mqa_logits(p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"],
-                            interpret=_interpret_params())
+                            interpret=_interpret_params(), config=cfg)
     qd, kd = dequantized(p)
     ref = mqa_logits_np(qd, kd, p["k_scale"], p["weights"], ks, ke)
     assert not np.isnan(np.asarray(out)).any(), f"{name}: unwritten output elements"
@@ -112,37 +125,67 @@ def test_kernel_interpret_matches_float64(H):
     assert calc_diff(out, ref) < 5e-6, name
 
 
-def test_kernel_interpret_race_free_multi_tile():
-  """Several key tiles per query block through the 4-stage ring, two consumers, a persistent
-  grid of 2 CTAs each looping over several query blocks (the ring and the double-buffered
-  queries cross block boundaries), S and T not multiples of the tiles, an empty block; the
-  interpreter's race detector must stay silent."""
+# Every variant at H = 64; at H = 32 (4 queries a block) and H = 128 (one query a block:
+# one-row stores, a query's heads across both halves of split_n) those whose tiles, fills or
+# epilogue differ from a variant already covered there (CPU time).
+_RACE = [(v, 64) for v in VARIANTS] + [
+    (v, h) for h in (32, 128)
+    for v in ("default", "ob2_fill2", "split_n", "nc3_split", "nc4_split_n", "nc4_alt")]
+
+
+@pytest.mark.parametrize("variant,H", _RACE)
+def test_kernel_interpret_race_free_multi_tile(variant, H):
+  """Several key tiles per query block through the ring, all consumers, a persistent grid of
+  2 CTAs each looping over several query blocks (the ring and the double-buffered queries
+  cross block boundaries), S and T not multiples of the tiles, -inf fills before and after
+  the span (wide ones included), an empty block; the interpreter's race detector must stay
+  silent and no output element may stay unwritten."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
   from kernels_pallas import mqa_logits as kernel
   rng = np.random.default_rng(7)
   ks, ke, S = causal_ragged([3, 4, 2], [700, 9, 130])
   ke[-2:] = ks[-2:]  # the last query block sees no key at all
-  p = random_problem(rng, len(ks), S, H=64, ks=ks, ke=ke)
-  cfg = kernel.MqaLogitsConfig.for_heads(64)
-  cfg = type(cfg)(block_q=cfg.block_q, num_ctas=2)
+  p = random_problem(rng, len(ks), S, H=H, ks=ks, ke=ke)
+  cfg = dataclasses.replace(kernel.variant_configs(H)[variant], num_ctas=2)
   out = kernel.mqa_logits(p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"],
                           interpret=_interpret_params(races=True), config=cfg)
   assert not get_races().races_found
   ref = mqa_logits_np(*dequantized(p), p["k_scale"], p["weights"], ks, ke)
+  assert not np.isnan(np.asarray(out)).any(), "unwritten output elements"
   assert_same_inf_pattern(out, ref)
   assert calc_diff(out, ref) < 5e-6
 
 
-def test_kernel_interpret_unclean_matches_on_valid_entries():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_interpret_unclean_matches_on_valid_entries(variant):
   from kernels_pallas import mqa_logits as kernel
   rng = np.random.default_rng(8)
   ks, ke, S = causal_ragged([5], [300])
   p = random_problem(rng, 5, S, H=64, ks=ks, ke=ke)
   args = (p["q_fp8"], p["k_fp8"], p["k_scale"], p["weights"], p["ks"], p["ke"])
-  out = np.asarray(kernel.mqa_logits(*args, clean_logits=False, interpret=_interpret_params()))
+  out = np.asarray(kernel.mqa_logits(*args, clean_logits=False, interpret=_interpret_params(),
+                                     config=kernel.variant_configs(64)[variant]))
   ref = mqa_logits_np(*dequantized(p), p["k_scale"], p["weights"], ks, ke)
   valid = np.isfinite(ref)
   assert calc_diff(np.where(valid, out, 0), np.where(valid, ref, 0)) < 5e-6
+
+
+def test_kernel_config_rejects_unsupported_schedules():
+  from kernels_pallas import mqa_logits as kernel
+  C = kernel.MqaLogitsConfig
+  for H in (16, 32, 64, 128):
+    for cfg in kernel.variant_configs(H).values():
+      cfg.check(H)
+  bad = [C(block_q=3),                                          # block_q * H = 192
+         C(block_q=2, block_kv=256),                            # 256-row accumulator
+         C(block_q=2, num_consumers=4),                         # 128 x 128 acc for 4 WGs
+         C(block_q=2, block_kv=64, num_consumers=3),            # 4 stages for 3 in turn
+         C(block_q=2, block_kv=192, num_consumers=4, kv_split=True),
+         C(block_q=2, fill_tiles=3),                            # 384-key TMA box
+         C(block_q=2, out_buffers=3)]
+  for cfg in bad:
+    with pytest.raises(ValueError, match="mqa_logits kernel: unsupported config"):
+      cfg.check(64)
 
 
 def test_public_op_interpret_flag():
@@ -171,6 +214,31 @@ def test_kernel_cross_lowers_to_cuda(T, S, H):
   with jax.sharding.use_abstract_mesh(mesh):
     text = f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("H", [64, 32, 128])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_variants_cross_lower_to_cuda(variant, H):
+  """Every candidate schedule lowers for CUDA (wgmma shapes, TMA boxes, layouts), at a long
+  causal shape and at ragged lengths that are not multiples of the tiles."""
+  from kernels_pallas import mqa_logits as kernel
+  cfg = kernel.variant_configs(H)[variant]
+  for T, S in [(8192, 65536), (300, 1001)]:
+    f = jax.jit(lambda *a: kernel.mqa_logits(*a, config=cfg))
+    shapes = (jax.ShapeDtypeStruct((T, H, 128), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((S, 128), jnp.float8_e4m3fn),
+              jax.ShapeDtypeStruct((S,), jnp.float32), jax.ShapeDtypeStruct((T, H), jnp.float32),
+              jax.ShapeDtypeStruct((T,), jnp.int32), jax.ShapeDtypeStruct((T,), jnp.int32))
+    with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh()):
+      text = f.trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def _abstract_gpu_mesh():
+  gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                    platform="gpu")
+  return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=gpu)
 
 
 # --------------------------------------------------------------------------- GPU (H100)

@@ -1,0 +1,215 @@
+"""Prefill logits kernel schedules against each other (and DeepGEMM from the same run).
+
+Times every candidate of ``kernels_pallas.mqa_logits.variant_configs`` on causal prefill
+shapes by kernel time (``common.kernel_ms_per_call``: the torch profiler's sum of the GPU
+kernels of one call, L2 flushed before each call), after checking each variant's logits
+against the default schedule's on the same inputs (calc_diff < 5e-6 and the same -inf
+pattern; a variant that fails the check is not timed). With ``--peers`` (the anchors' JSON,
+``.anchors/README.md``) it also prints DeepGEMM's kineto time for the shape and the speed
+ratio DeepGEMM ms / ours (>= 1: as fast or faster).
+
+Usage (H200):
+  PYTHONPATH=. python3 benchmarks/bench_mqa_variants.py --out $OUT --peers $OUT/anchors.json
+Options: --variants a,b (default: all), --shapes 2048x8192,8192x32768x32 (TxS[xH]),
+--budget SECONDS (default 240: stops starting new measurements after it, still writes the
+JSON), --calls N (profiled calls per measurement).
+
+Each shape and each variant runs in its own try/except: a failure costs only its row. The
+JSON (``DIR/mqa_variants.json``) is rewritten after every row, so a run cut short keeps what
+it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from benchmarks.bench_mqa_logits import problem  # noqa: E402
+from kernels_pallas import mqa_logits as kernel  # noqa: E402
+
+SHAPES = [(2048, 8192, 64), (4096, 16384, 64), (8192, 8192, 64), (8192, 16384, 64),
+          (8192, 32768, 64), (8192, 65536, 64), (8192, 32768, 32)]
+MAX_CALC_DIFF = 5e-6
+
+
+def parse_shapes(spec: str):
+  out = []
+  for item in spec.split(","):
+    parts = [int(x.upper().replace("K", "")) * (1024 if "K" in x.upper() else 1)
+             for x in item.split("x")]
+    out.append((parts[0], parts[1], parts[2] if len(parts) > 2 else 64))
+  return out
+
+
+def load_peers(path: str | None) -> dict:
+  """{(T, S, H): DeepGEMM prefill record} from the anchors' JSON; {} when absent."""
+  if not path or not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    print(f"bench_mqa_variants: cannot read peers {path}: {e}")
+    return {}
+  return {(r["T"], r["S"], r.get("H", 64)): r for r in data.get("prefill", [])
+          if not r.get("error") and r.get("T") and r.get("S")}
+
+
+def _calc_diff(x, y) -> float:
+  x = jnp.where(jnp.isneginf(x), 0.0, x)
+  y = jnp.where(jnp.isneginf(y), 0.0, y)
+  return float(1.0 - 2.0 * jnp.sum(x * y) / jnp.sum(x * x + y * y))
+
+
+def _time_ms(fn, args, calls: int, interpret: bool) -> tuple[float, str]:
+  ms = None if interpret else common.kernel_ms_per_call(fn, args, calls=calls)
+  if ms is not None:
+    return ms, "kineto"
+  # No torch: wall time of one blocking call (includes dispatch; coarse).
+  return common.time_fn(fn, *args, iters=calls) * 1e3, "wall"
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", default=None, help="directory for mqa_variants.json")
+  ap.add_argument("--peers", default=None, help="anchors.json with DeepGEMM's prefill times")
+  ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
+  ap.add_argument("--shapes", default="", help="comma list of TxS[xH] (default: the issue's)")
+  ap.add_argument("--budget", type=float, default=240.0, help="seconds; stop starting rows after")
+  ap.add_argument("--calls", type=int, default=10, help="profiled calls per measurement")
+  ap.add_argument("--interpret", action="store_true",
+                  help="CPU check of this script: the kernels in interpret mode, wall time")
+  args = ap.parse_args(argv)
+  t_start = time.monotonic()
+  shapes = parse_shapes(args.shapes) if args.shapes else SHAPES
+  peers = load_peers(args.peers)
+  rows: list[dict] = []
+  payload = dict(benchmark="mqa_variants", method="kineto kernel time per call, L2 flushed "
+                 "(benchmarks/common.kernel_ms_per_call); correctness vs the default schedule",
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 jax=jax.__version__, rows=rows, stopped_early=False)
+
+  def write():
+    if not args.out:
+      return
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "mqa_variants.json"), "w") as f:
+      json.dump(payload, f, indent=1)
+
+  if jax.default_backend() != "gpu" and not args.interpret:
+    print("bench_mqa_variants: no GPU; the Pallas kernel needs a Hopper GPU. Nothing to time.")
+    payload["error"] = "no GPU"
+    write()
+    return
+  payload["card"] = common.card() + (" (interpret mode)" if args.interpret else "")
+  interp = True if args.interpret else False
+  write()
+
+  for T, S, H in shapes:
+    names = list(kernel.variant_configs(H))
+    if args.variants:
+      wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+      names = ["default"] + [v for v in wanted if v in names and v != "default"]
+    try:
+      a, pairs = problem(T, S, H=H)
+      flop = 2 * pairs * H * 128
+      cfgs = kernel.variant_configs(H)
+      ref = jax.jit(lambda *x: kernel.mqa_logits(*x, config=cfgs["default"],
+                                                 interpret=interp))(*a)
+      ref_inf = jnp.isneginf(ref)
+    except Exception as e:  # the whole shape is lost, the next one still runs
+      print(f"{T}x{S} H={H}: setup failed: {type(e).__name__}: {e}")
+      rows.append(dict(T=T, S=S, H=H, variant="*", error=f"setup: {type(e).__name__}: {e}"))
+      write()
+      continue
+    peer = peers.get((T, S, H))
+    default_ms = None
+    for name in names:
+      if time.monotonic() - t_start > args.budget:
+        payload["stopped_early"] = True
+        print(f"budget of {args.budget:.0f} s spent: stopping before {T}x{S} H={H} {name}")
+        break
+      row = dict(T=T, S=S, H=H, variant=name, config=str(cfgs[name]))
+      t0 = time.monotonic()
+      try:
+        cfg = cfgs[name]
+        f = jax.jit(lambda *x, cfg=cfg: kernel.mqa_logits(*x, config=cfg, interpret=interp))
+        out = f(*a)
+        row["same_inf_pattern"] = bool(jnp.array_equal(jnp.isneginf(out), ref_inf))
+        row["calc_diff_vs_default"] = _calc_diff(out, ref)
+        row["bitwise_equal_default"] = bool(jnp.array_equal(out, ref))
+        del out
+        if not (row["same_inf_pattern"] and row["calc_diff_vs_default"] < MAX_CALC_DIFF):
+          row["error"] = "output differs from the default schedule's"
+        else:
+          ms, how = _time_ms(f, a, args.calls, interp)
+          row.update(ms=ms, timing=how, tflops=flop / (ms * 1e-3) / 1e12)
+          if name == "default":
+            default_ms = ms
+          if default_ms:
+            row["speedup_vs_default"] = default_ms / ms
+          if peer and peer.get("kineto_ms"):
+            row["deepgemm_ms"] = peer["kineto_ms"]
+            row["vs_deepgemm"] = peer["kineto_ms"] / ms
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        traceback.print_exc(limit=3)
+      row["wall_s"] = time.monotonic() - t0
+      rows.append(row)
+      print(f"{T}x{S} H={H} {name}: " + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"])
+            + (f", {row['vs_deepgemm']:.2f}x DeepGEMM" if "vs_deepgemm" in row else ""),
+            flush=True)
+      write()
+    if default_ms and not payload["stopped_early"] and len(names) > 1 \
+        and time.monotonic() - t_start < args.budget:
+      # The default once more after the others: the drift of the card over the shape.
+      try:
+        f = jax.jit(lambda *x: kernel.mqa_logits(*x, config=cfgs["default"], interpret=interp))
+        ms, how = _time_ms(f, a, args.calls, interp)
+        rows.append(dict(T=T, S=S, H=H, variant="default(again)", ms=ms, timing=how,
+                         tflops=flop / (ms * 1e-3) / 1e12, speedup_vs_default=default_ms / ms))
+        write()
+      except Exception as e:
+        print(f"{T}x{S} H={H} default(again): {type(e).__name__}: {e}")
+    del a, ref, ref_inf
+    if payload["stopped_early"]:
+      break
+
+  print(f"\nmqa_logits schedules (causal, D=128, clean) on {payload['card']}, jax {jax.__version__};"
+        " ms = kernel time per call; vs_deepgemm = DeepGEMM kineto ms / ours")
+  shown = [dict(r, calc_diff_vs_default=None if r.get("calc_diff_vs_default") is None
+                else f"{r['calc_diff_vs_default']:.1e}") for r in rows]
+  common.print_table(shown, ["T", "S", "H", "variant", "ms", "tflops", "speedup_vs_default",
+                             "deepgemm_ms", "vs_deepgemm", "calc_diff_vs_default", "error"])
+  best = {}
+  for r in rows:
+    if "ms" in r and r["variant"] != "default(again)":
+      k = (r["T"], r["S"], r["H"])
+      if k not in best or r["ms"] < best[k]["ms"]:
+        best[k] = r
+  if best:
+    print("\nfastest per shape:")
+    common.print_table(list(best.values()), ["T", "S", "H", "variant", "ms",
+                                             "speedup_vs_default", "vs_deepgemm"])
+  payload["fastest"] = [dict(T=r["T"], S=r["S"], H=r["H"], variant=r["variant"], ms=r["ms"])
+                        for r in best.values()]
+  payload["elapsed_s"] = time.monotonic() - t_start
+  write()
+  if args.out:
+    print(f"\nwrote {os.path.join(args.out, 'mqa_variants.json')}")
+
+
+if __name__ == "__main__":
+  main()
