@@ -95,7 +95,7 @@ class MqaLogitsConfig:
     nq = self.block_q * num_heads
     return (2 * nq * head_dim + 2 * nq * 4 + self.num_stages * self.block_kv * (head_dim + 4)
             + self.num_consumers * self.out_buffers * self.block_q * self.sub_kv * 4
-            + self.block_q * (max(self.block_kv, 128 // self.block_q)
+            + self.block_q * (max(128 if self.block_kv % 128 == 0 else 64, 128 // self.block_q)
                               + (self.fill_tiles * self.block_kv if self.fill_tiles > 1 else 0)) * 4)
 
   def check(self, num_heads: int) -> None:
@@ -191,7 +191,9 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
   OB = cfg.out_buffers
   FILL = cfg.fill_tiles
   num_kv_blocks = pl.cdiv(S, BKV)
-  full_kv_blocks = S // BKV                   # tiles wholly inside [0, S)
+  # Keys per -inf store of the fill: a power of two (a splat store into SMEM needs a
+  # multiple of 128 elements; 192-key tiles are filled in thirds).
+  FU = 128 if BKV % 128 == 0 else 64
   num_q_blocks = T_pad // BQ
   G = num_ctas
   # Consecutive tiles of one consumer: all tiles with kv_split, every NC-th otherwise.
@@ -269,29 +271,30 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
           plgpu.copy_gmem_to_smem(ksc_ref.at[pl.ds(s0, BKV)], ksc_smem.at[slot], kv_bar.at[slot])
 
         if clean:
-          # -inf for the tiles outside [lo, hi): TMA stores of one constant tile, issued
-          # while the consumers work through the tiles just loaded. Wide stores only where
-          # they lie wholly inside [0, S) (so no store relies on clipping at the row end);
-          # single tiles for the rest.
-          def fill1(b):
-            plgpu.copy_smem_to_gmem(ninf.at[:, pl.ds(0, BKV)] if BQ == 1 else ninf,
-                                    out_ref.at[pl.ds(t0, BQ), pl.ds(b * BKV, BKV)])
+          # -inf for the tiles outside [lo, hi): TMA stores of a constant tile of FU keys,
+          # issued while the consumers work through the tiles just loaded. Wide stores
+          # (FILL key tiles) only where they lie wholly inside [0, S), so that none relies
+          # on clipping at the row end; FU-key stores for the rest. Ranges in FU units.
+          def fill1(u):
+            plgpu.copy_smem_to_gmem(ninf.at[:, pl.ds(0, FU)] if BQ == 1 else ninf,
+                                    out_ref.at[pl.ds(t0, BQ), pl.ds(u * FU, FU)])
 
-          def fill_range(b0, b1):
+          def fill_range(u0, u1):
             if FILL == 1:
-              pl.loop(b0, b1)(fill1)
+              pl.loop(u0, u1)(fill1)
               return
-            nwide = jnp.maximum(jnp.minimum(b1, full_kv_blocks) - b0, 0) // FILL
+            wide = FILL * BKV // FU
+            nwide = jnp.maximum(jnp.minimum(u1, S // FU) - u0, 0) // wide
 
             @pl.loop(0, nwide)
             def _(c):
               plgpu.copy_smem_to_gmem(
-                  ninf_wide, out_ref.at[pl.ds(t0, BQ), pl.ds((b0 + c * FILL) * BKV, FILL * BKV)])
+                  ninf_wide, out_ref.at[pl.ds(t0, BQ), pl.ds((u0 + c * wide) * FU, FILL * BKV)])
 
-            pl.loop(b0 + nwide * FILL, b1)(fill1)
+            pl.loop(u0 + nwide * wide, u1)(fill1)
 
-          fill_range(0, lo)
-          fill_range(lo + n, num_kv_blocks)
+          fill_range(0, lo * (BKV // FU))
+          fill_range((lo + n) * (BKV // FU), num_kv_blocks * (BKV // FU))
         return g + n
 
       lax.fori_loop(0, my_blocks, per_block, jnp.int32(0))
@@ -382,7 +385,7 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
   if clean:
     # The constant -inf tiles (a splat store needs >= 128 elements: one row of 64 keys at
     # H = 128 gets a wider buffer, of which a contiguous prefix is stored).
-    scratch.append(plgpu.SMEM((BQ, max(BKV, 128 // BQ)), f32))
+    scratch.append(plgpu.SMEM((BQ, max(FU, 128 // BQ)), f32))
     if FILL > 1:
       scratch.append(plgpu.SMEM((BQ, FILL * BKV), f32))
   scratch += [
