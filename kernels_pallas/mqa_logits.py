@@ -180,8 +180,9 @@ def _fp8_transforms():
 _REGISTERS = {2: (40, 232), 3: (40, 152), 4: (32, 120)}  # (producer, consumer) a thread
 
 
-def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogitsConfig,
-           clean: bool, num_ctas: int, interpret):
+def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
+           cfg: MqaLogitsConfig, clean: bool, num_ctas: int, interpret):
+  """S_k: rows of the (8-row padded) key array."""
   BQ, BKV, NS, NC = cfg.block_q, cfg.block_kv, cfg.num_stages, cfg.num_consumers
   NQ = BQ * H
   SUB = cfg.sub_kv                            # keys per consumer wgmma
@@ -266,8 +267,13 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
 
           s0 = (lo + i) * BKV
           for p in range(NPARTS):
-            plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(s0 + p * SUB, BKV // NPARTS)],
-                                    k_smem.at[slot, p], kv_bar.at[slot])
+            r0 = s0 + p * SUB
+            if NPARTS > 1:
+              # A row slice wholly past the keys reads in-bounds rows instead (their logits
+              # lie past every ke and are masked), so that no TMA box is wholly outside.
+              r0 = jnp.where(r0 >= S_k, max(S_k - SUB, 0), r0)
+            plgpu.copy_gmem_to_smem(k_ref.at[pl.ds(r0, SUB)], k_smem.at[slot, p],
+                                    kv_bar.at[slot])
           plgpu.copy_gmem_to_smem(ksc_ref.at[pl.ds(s0, BKV)], ksc_smem.at[slot], kv_bar.at[slot])
 
         if clean:
@@ -294,7 +300,7 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
             pl.loop(u0 + nwide * wide, u1)(fill1)
 
           fill_range(0, lo * (BKV // FU))
-          fill_range((lo + n) * (BKV // FU), num_kv_blocks * (BKV // FU))
+          fill_range((lo + n) * (BKV // FU), pl.cdiv(S, FU))
         return g + n
 
       lax.fori_loop(0, my_blocks, per_block, jnp.int32(0))
@@ -353,7 +359,16 @@ def _build(T: int, T_pad: int, S: int, S_out: int, H: int, D: int, cfg: MqaLogit
           def _():
             plgpu.barrier_arrive(free_bar.at[slot])
 
-          plgpu.copy_smem_to_gmem(out_buf, out_ref.at[pl.ds(t0, BQ), pl.ds(s0, SUB)])
+          # A row slice wholly past S (kv_split) stores nothing; its bulk group is still
+          # committed, so the wait above counts the same groups.
+          def store():
+            plgpu.copy_smem_to_gmem(out_buf, out_ref.at[pl.ds(t0, BQ), pl.ds(s0, SUB)])
+
+          if cfg.kv_split:
+            pl.when(s0 < S)(store)
+            pl.when(s0 >= S)(plgpu.commit_smem_to_gmem_group)
+          else:
+            store()
 
         if cfg.kv_split:
           pl.loop(0, n)(step)
@@ -460,7 +475,8 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   # to whole key tiles: on the H100 a one-row TMA store was seen not to be clipped at the
   # row end (paged kernel), so no tile may cross it.
   S_out = pl.cdiv(S, 4) * 4 if BQ > 1 else pl.cdiv(S, BKV) * BKV
-  call = _build(T, T_pad, S, S_out, H, D, cfg, clean_logits, G, interpret or None)
+  call = _build(T, T_pad, S, k_fp8.shape[0], S_out, H, D, cfg, clean_logits, G,
+                interpret or None)
   out = call(q_fp8.reshape(T * H, D), k_fp8, k_scale, weights.reshape(T * H), ks, ke, lo, hi,
              total)
   return out[:, :S] if S_out != S else out
