@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -80,6 +81,18 @@ def _time_ms(fn, args, calls: int, interpret: bool) -> tuple[float, str]:
   return common.time_fn(fn, *args, iters=calls) * 1e3, "wall"
 
 
+def _hung(payload, write, row):
+  """Watchdog: a kernel that never finishes blocks the main thread for good; record it,
+  write what was measured and end the process (a hung GPU context cannot be reused)."""
+  row["error"] = "hung: no result within --hang-s"
+  payload["rows"].append(row)
+  payload["stopped_early"] = True
+  payload["hung"] = f"{row['T']}x{row['S']} H={row['H']} {row['variant']}"
+  print(f"\nbench_mqa_variants: {payload['hung']} hung; wrote the rows so far", flush=True)
+  write()
+  os._exit(3)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +102,9 @@ def main(argv=None):
   ap.add_argument("--shapes", default="", help="comma list of TxS[xH] (default: the issue's)")
   ap.add_argument("--budget", type=float, default=240.0, help="seconds; stop starting rows after")
   ap.add_argument("--calls", type=int, default=10, help="profiled calls per measurement")
+  ap.add_argument("--hang-s", type=float, default=120.0,
+                  help="a measurement running longer is taken as a hung kernel: the JSON is "
+                       "written and the process exits (status 3)")
   ap.add_argument("--interpret", action="store_true",
                   help="CPU check of this script: the kernels in interpret mode, wall time")
   args = ap.parse_args(argv)
@@ -117,75 +133,77 @@ def main(argv=None):
   interp = True if args.interpret else False
   write()
 
+  # Problems and the default schedule's logits for every shape first (one at a time they
+  # take ~1-5 GB each on the device), then the variants one after the other over all shapes:
+  # a variant that hangs (the watchdog ends the run, the JSON already holds every row) or
+  # fails costs only the measurements after it, and the riskiest variants come last.
+  probs = {}
   for T, S, H in shapes:
-    names = list(kernel.variant_configs(H))
-    if args.variants:
-      wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-      names = ["default"] + [v for v in wanted if v in names and v != "default"]
     try:
       a, pairs = problem(T, S, H=H)
-      flop = 2 * pairs * H * 128
-      cfgs = kernel.variant_configs(H)
-      ref = jax.jit(lambda *x: kernel.mqa_logits(*x, config=cfgs["default"],
-                                                 interpret=interp))(*a)
-      ref_inf = jnp.isneginf(ref)
+      cfg = kernel.variant_configs(H)["default"]
+      ref = jax.jit(lambda *x, cfg=cfg: kernel.mqa_logits(*x, config=cfg, interpret=interp))(*a)
+      probs[(T, S, H)] = (a, 2 * pairs * H * 128, ref, jnp.isneginf(ref))
     except Exception as e:  # the whole shape is lost, the next one still runs
       print(f"{T}x{S} H={H}: setup failed: {type(e).__name__}: {e}")
       rows.append(dict(T=T, S=S, H=H, variant="*", error=f"setup: {type(e).__name__}: {e}"))
-      write()
-      continue
-    peer = peers.get((T, S, H))
-    default_ms = None
-    for name in names:
-      if time.monotonic() - t_start > args.budget:
-        payload["stopped_early"] = True
-        print(f"budget of {args.budget:.0f} s spent: stopping before {T}x{S} H={H} {name}")
-        break
-      row = dict(T=T, S=S, H=H, variant=name, config=str(cfgs[name]))
-      t0 = time.monotonic()
-      try:
-        cfg = cfgs[name]
-        f = jax.jit(lambda *x, cfg=cfg: kernel.mqa_logits(*x, config=cfg, interpret=interp))
-        out = f(*a)
-        row["same_inf_pattern"] = bool(jnp.array_equal(jnp.isneginf(out), ref_inf))
-        row["calc_diff_vs_default"] = _calc_diff(out, ref)
-        row["bitwise_equal_default"] = bool(jnp.array_equal(out, ref))
-        del out
-        if not (row["same_inf_pattern"] and row["calc_diff_vs_default"] < MAX_CALC_DIFF):
-          row["error"] = "output differs from the default schedule's"
-        else:
-          ms, how = _time_ms(f, a, args.calls, interp)
-          row.update(ms=ms, timing=how, tflops=flop / (ms * 1e-3) / 1e12)
-          if name == "default":
-            default_ms = ms
-          if default_ms:
-            row["speedup_vs_default"] = default_ms / ms
-          if peer and peer.get("kineto_ms"):
-            row["deepgemm_ms"] = peer["kineto_ms"]
-            row["vs_deepgemm"] = peer["kineto_ms"] / ms
-      except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        traceback.print_exc(limit=3)
-      row["wall_s"] = time.monotonic() - t0
-      rows.append(row)
-      print(f"{T}x{S} H={H} {name}: " + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"])
-            + (f", {row['vs_deepgemm']:.2f}x DeepGEMM" if "vs_deepgemm" in row else ""),
-            flush=True)
-      write()
-    if default_ms and not payload["stopped_early"] and len(names) > 1 \
-        and time.monotonic() - t_start < args.budget:
-      # The default once more after the others: the drift of the card over the shape.
-      try:
-        f = jax.jit(lambda *x: kernel.mqa_logits(*x, config=cfgs["default"], interpret=interp))
+  write()
+  names = list(kernel.variant_configs(64))
+  if args.variants:
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = ["default"] + [v for v in wanted if v in names and v != "default"]
+  default_ms: dict = {}
+
+  def measure(name, T, S, H, label=None):
+    a, flop, ref, ref_inf = probs[(T, S, H)]
+    cfg = kernel.variant_configs(H)[name]
+    row = dict(T=T, S=S, H=H, variant=label or name, config=str(cfg))
+    t0 = time.monotonic()
+    watchdog = threading.Timer(args.hang_s, _hung, (payload, write, row))
+    watchdog.start()
+    try:
+      f = jax.jit(lambda *x: kernel.mqa_logits(*x, config=cfg, interpret=interp))
+      out = f(*a)
+      row["same_inf_pattern"] = bool(jnp.array_equal(jnp.isneginf(out), ref_inf))
+      row["calc_diff_vs_default"] = _calc_diff(out, ref)
+      row["bitwise_equal_default"] = bool(jnp.array_equal(out, ref))
+      del out
+      if not (row["same_inf_pattern"] and row["calc_diff_vs_default"] < MAX_CALC_DIFF):
+        row["error"] = "output differs from the default schedule's"
+      else:
         ms, how = _time_ms(f, a, args.calls, interp)
-        rows.append(dict(T=T, S=S, H=H, variant="default(again)", ms=ms, timing=how,
-                         tflops=flop / (ms * 1e-3) / 1e12, speedup_vs_default=default_ms / ms))
-        write()
-      except Exception as e:
-        print(f"{T}x{S} H={H} default(again): {type(e).__name__}: {e}")
-    del a, ref, ref_inf
-    if payload["stopped_early"]:
+        row.update(ms=ms, timing=how, tflops=flop / (ms * 1e-3) / 1e12)
+        if name == "default" and label is None:
+          default_ms[(T, S, H)] = ms
+        if default_ms.get((T, S, H)):
+          row["speedup_vs_default"] = default_ms[(T, S, H)] / ms
+        peer = peers.get((T, S, H))
+        if peer and peer.get("kineto_ms"):
+          row["deepgemm_ms"] = peer["kineto_ms"]
+          row["vs_deepgemm"] = peer["kineto_ms"] / ms
+    except Exception as e:
+      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+      traceback.print_exc(limit=3)
+    finally:
+      watchdog.cancel()
+    row["wall_s"] = time.monotonic() - t0
+    rows.append(row)
+    print(f"{T}x{S} H={H} {row['variant']}: "
+          + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"])
+          + (f", {row['vs_deepgemm']:.2f}x DeepGEMM" if "vs_deepgemm" in row else ""), flush=True)
+    write()
+
+  # The default once more at the end: the drift of the card over the run.
+  plan = [(n, k, None) for n in names for k in probs]
+  if len(names) > 1:
+    plan += [("default", k, "default(again)") for k in probs]
+  for name, (T, S, H), label in plan:
+    if time.monotonic() - t_start > args.budget:
+      payload["stopped_early"] = True
+      print(f"budget of {args.budget:.0f} s spent: stopping before {T}x{S} H={H} {name}")
       break
+    measure(name, T, S, H, label)
+  probs.clear()
 
   print(f"\nmqa_logits schedules (causal, D=128, clean) on {payload['card']}, jax {jax.__version__};"
         " ms = kernel time per call; vs_deepgemm = DeepGEMM kineto ms / ours")

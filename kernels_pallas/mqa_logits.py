@@ -59,7 +59,7 @@ class MqaLogitsConfig:
       across block boundaries); None = the GPU's SM count (1 CTA per SM).
     num_consumers: math warpgroups (2 to 4). More of them interleave one's CUDA-core
       epilogue with the others' wgmma at a smaller accumulator each (the register file
-      is shared: 232 registers a thread for 2, 152 for 3, 120 for 4).
+      is shared: 232 registers a thread for 2, 160 for 3, 112 for 4).
     kv_split: every consumer takes every key tile, ``block_kv / num_consumers`` rows of it
       (one TMA ring slot feeds all math warpgroups at once); False: consumers take whole
       tiles in turn (``num_stages`` must then be a multiple of ``num_consumers``).
@@ -177,7 +177,12 @@ def _fp8_transforms():
   return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 
 
-_REGISTERS = {2: (40, 232), 3: (40, 152), 4: (32, 120)}  # (producer, consumer) a thread
+# (producer, consumer) registers a thread. setmaxnreg moves registers within the CTA's
+# launch allocation: 65536 / threads a thread, rounded down to a multiple of 8 (168 at 3
+# warpgroups, 128 at 4, 96 at 5), so producer + consumers must stay within that many
+# (40 + 2 * 232 = 3 * 168; 32 + 3 * 160 = 4 * 128; 32 + 4 * 112 = 5 * 96); more would
+# leave a consumer's increase waiting forever.
+_REGISTERS = {2: (40, 232), 3: (32, 160), 4: (32, 112)}
 
 
 def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
@@ -200,6 +205,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   # Consecutive tiles of one consumer: all tiles with kv_split, every NC-th otherwise.
   STEP = 1 if cfg.kv_split else NC
   prod_regs, cons_regs = _REGISTERS[NC]
+  assert prod_regs + NC * cons_regs <= (65536 // ((NC + 1) * 128)) // 8 * 8 * (NC + 1)
   f32 = jnp.float32
   row_layout = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row (key)
   col_layout = plgpu.Layout.WGMMA.reduce(0)   # one value per accumulator column (query, head)

@@ -156,7 +156,9 @@ def test_kernel_interpret_race_free_multi_tile(variant, H):
   assert calc_diff(out, ref) < 5e-6
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+# Without clean_logits only the -inf fill is left out: the schedules with their own fill or
+# tile layout.
+@pytest.mark.parametrize("variant", ["default", "ob2_fill2", "nc3_split", "nc4_split_n"])
 def test_kernel_interpret_unclean_matches_on_valid_entries(variant):
   from kernels_pallas import mqa_logits as kernel
   rng = np.random.default_rng(8)
