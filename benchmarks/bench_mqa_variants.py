@@ -11,12 +11,15 @@ ratio DeepGEMM ms / ours (>= 1: as fast or faster).
 Usage (H200):
   PYTHONPATH=. python3 benchmarks/bench_mqa_variants.py --out $OUT --peers $OUT/anchors.json
 Options: --variants a,b (default: all), --shapes 2048x8192,8192x32768x32 (TxS[xH]),
---budget SECONDS (default 240: stops starting new measurements after it, still writes the
-JSON), --calls N (profiled calls per measurement).
+--budget SECONDS (default 240: no measurement starts after it; the JSON is still written),
+--calls N (profiled calls per measurement), --hang-s SECONDS (a measurement taking longer is
+taken for a hung kernel: the JSON is written and the process exits with status 3).
 
-Each shape and each variant runs in its own try/except: a failure costs only its row. The
-JSON (``DIR/mqa_variants.json``) is rewritten after every row, so a run cut short keeps what
-it measured.
+Order: the problems and the default schedule's logits for all shapes first, then one variant
+after the other over all shapes (riskiest last), then the default once more (the card's drift
+over the run). Every measurement runs in its own try/except, so a failure costs only its row;
+``DIR/mqa_variants.json`` is rewritten after every row, so a run cut short keeps what it
+measured. ``--interpret`` runs the kernels in interpret mode on the CPU (checks this script).
 """
 
 from __future__ import annotations
@@ -205,7 +208,8 @@ def main(argv=None):
     measure(name, T, S, H, label)
   probs.clear()
 
-  print(f"\nmqa_logits schedules (causal, D=128, clean) on {payload['card']}, jax {jax.__version__};"
+  print(f"\nmqa_logits schedules (causal, D=128, clean) on {payload['card']}, "
+        f"jax {jax.__version__};"
         " ms = kernel time per call; vs_deepgemm = DeepGEMM kineto ms / ours")
   shown = [dict(r, calc_diff_vs_default=None if r.get("calc_diff_vs_default") is None
                 else f"{r['calc_diff_vs_default']:.1e}") for r in rows]

@@ -92,11 +92,14 @@ class MqaLogitsConfig:
     return self.block_kv // self.num_consumers if self.kv_split else self.block_kv
 
   def smem_bytes(self, num_heads: int, head_dim: int = 128) -> int:
+    """Scratch bytes the kernel allocates (barriers aside)."""
     nq = self.block_q * num_heads
+    fill_unit = 128 if self.block_kv % 128 == 0 else 64
+    fill_keys = (max(fill_unit, 128 // self.block_q)
+                 + (self.fill_tiles * self.block_kv if self.fill_tiles > 1 else 0))
     return (2 * nq * head_dim + 2 * nq * 4 + self.num_stages * self.block_kv * (head_dim + 4)
             + self.num_consumers * self.out_buffers * self.block_q * self.sub_kv * 4
-            + self.block_q * (max(128 if self.block_kv % 128 == 0 else 64, 128 // self.block_q)
-                              + (self.fill_tiles * self.block_kv if self.fill_tiles > 1 else 0)) * 4)
+            + self.block_q * fill_keys * 4)
 
   def check(self, num_heads: int) -> None:
     nq = self.block_q * num_heads
