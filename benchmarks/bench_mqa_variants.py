@@ -16,8 +16,8 @@ Options: --variants a,b (default: all), --shapes 2048x8192,8192x32768x32 (TxS[xH
 taken for a hung kernel: the JSON is written and the process exits with status 3).
 
 Order: the problems and the default schedule's logits for all shapes first, then one variant
-after the other over all shapes (riskiest last), then the default once more (the card's drift
-over the run). Every measurement runs in its own try/except, so a failure costs only its row;
+after the other over all shapes (``ORDER``: DeepGEMM's layout first), then the default once
+more (the card's drift over the run). Every measurement runs in its own try/except, so a failure costs only its row;
 ``DIR/mqa_variants.json`` is rewritten after every row, so a run cut short keeps what it
 measured. ``--interpret`` runs the kernels in interpret mode on the CPU (checks this script).
 """
@@ -45,6 +45,9 @@ from kernels_pallas import mqa_logits as kernel  # noqa: E402
 SHAPES = [(2048, 8192, 64), (4096, 16384, 64), (8192, 8192, 64), (8192, 16384, 64),
           (8192, 32768, 64), (8192, 65536, 64), (8192, 32768, 32)]
 MAX_CALC_DIFF = 5e-6
+# Measurement order (a run cut short by --budget keeps the first): DeepGEMM's layout first.
+ORDER = ["default", "nc4_split_n", "nc4_split", "split_n", "ob2_fill2", "nc3_split",
+         "launch_order", "nc4_alt"]
 
 
 def parse_shapes(spec: str):
@@ -105,7 +108,7 @@ def main(argv=None):
   ap.add_argument("--shapes", default="", help="comma list of TxS[xH] (default: the issue's)")
   ap.add_argument("--budget", type=float, default=240.0, help="seconds; stop starting rows after")
   ap.add_argument("--calls", type=int, default=10, help="profiled calls per measurement")
-  ap.add_argument("--hang-s", type=float, default=120.0,
+  ap.add_argument("--hang-s", type=float, default=60.0,
                   help="a measurement running longer is taken as a hung kernel: the JSON is "
                        "written and the process exits (status 3)")
   ap.add_argument("--interpret", action="store_true",
@@ -138,8 +141,8 @@ def main(argv=None):
 
   # Problems and the default schedule's logits for every shape first (one at a time they
   # take ~1-5 GB each on the device), then the variants one after the other over all shapes:
-  # a variant that hangs (the watchdog ends the run, the JSON already holds every row) or
-  # fails costs only the measurements after it, and the riskiest variants come last.
+  # a variant that fails costs only its rows; one that hangs (the watchdog ends the run, the
+  # JSON already holds every row) the measurements after it.
   probs = {}
   for T, S, H in shapes:
     try:
@@ -151,7 +154,8 @@ def main(argv=None):
       print(f"{T}x{S} H={H}: setup failed: {type(e).__name__}: {e}")
       rows.append(dict(T=T, S=S, H=H, variant="*", error=f"setup: {type(e).__name__}: {e}"))
   write()
-  names = list(kernel.variant_configs(64))
+  known = kernel.variant_configs(64)
+  names = [n for n in ORDER if n in known] + [n for n in known if n not in ORDER]
   if args.variants:
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     names = ["default"] + [v for v in wanted if v in names and v != "default"]
