@@ -339,11 +339,13 @@ def test_topk_pallas_gpu_deterministic():
     np.testing.assert_array_equal(np.asarray(_run(x, ks, ke, 2048, backend="pallas")), first)
 
 
-_STREAMS = [_C(8192, 2, stream=True), _C(4096, 4, stream=True), _C(8192, 1, stream=True)]
+_STREAMS = [_C(8192, 2, stream=True), _C(4096, 4, stream=True), _C(8192, 1, stream=True),
+            _C(8192, 4, stream=True)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", _STREAMS, ids=["c8192_wg2", "c4096_wg4", "c8192_wg1"])
+@pytest.mark.parametrize("cfg", _STREAMS, ids=["c8192_wg2", "c4096_wg4", "c8192_wg1",
+                                               "c8192_wg4"])
 @pytest.mark.parametrize("T,S,ragged", [(300, 65536, False), (64, 100003, True),
                                         (4, 1 << 20, False), (33, 32768, True)])
 def test_topk_pallas_gpu_stream_matches_lax_top_k(cfg, T, S, ragged):
