@@ -1,4 +1,4 @@
-"""Mosaic GPU kernel: per-row top-k indices by radix select, rows split over CTAs and merged.
+"""Mosaic GPU kernel: per-row top-k indices by radix select (rows resident, streamed, or split).
 
 The algorithm, for one segment of one row (one CTA of 128-512 threads):
 
@@ -20,10 +20,15 @@ The algorithm, for one segment of one row (one CTA of 128-512 threads):
    those counts gives every thread its run of output slots, and each thread writes its keys'
    indices there (deterministic, thread-major order); the unused slots get -1.
 
-Rows longer than a CTA's shared memory holds (32768 keys, 128 KB) are split into segments of
-equal length, one CTA each: each segment writes its own top-k as (index, logit) candidates,
-and the same kernel, reading candidates instead of logits ("indirect" mode: the index of a
-candidate is the one stored beside it, -1 for none), selects the top-k of the candidates.
+Rows longer than a CTA's shared memory holds (32768 keys, 128 KB), when there are many of
+them (>= 128 rows), stream through one CTA each (``TopKConfig.stream``, ``_emit_stream``): a
+histogram sweep of the row from global memory, then a second sweep that compacts the keys at or
+above the k-th key's top-digit bucket (a few thousand for k = 2048) into shared memory, where
+steps 2-3 finish; a crowded bucket that does not fit falls back to running them over global
+memory. Few long rows (decode) are instead split into segments of equal length, one CTA
+each: each segment writes its own top-k as (index, logit) candidates, and the same kernel,
+reading candidates instead of logits ("indirect" mode: the index of a candidate is the one
+stored beside it, -1 for none), selects the top-k of the candidates.
 This is exact: every key of the row's top-k (with the tie rule) is in its segment's top-k.
 Rows are not split further to give few rows (decode) more SMs: on the H200 the extra merge
 launch cost more than it saved (kernel time; 1 x 32768: 13.5 us unsplit vs 16.4 us as
