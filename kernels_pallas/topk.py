@@ -405,24 +405,31 @@ def _first_state(k, scan0):
           m.lor(few, m.eq(cnt0, krem0))]
 
 
-def _emit_select(blk, glob, keys_p, out, *, k):
-  """A segment held in shared memory: one load sweep from global memory (keys to shared
-  memory, top-digit histogram), then every other sweep over shared memory."""
-  cfg = blk.cfg
+def _hist_sweep(blk, glob, keys_p=None):
+  """One sweep of ``glob`` from global memory: the top digit's histogram into hist[0] and,
+  given ``keys_p``, the sortable keys into shared memory (0 where invalid)."""
   sh0, _ = _DIGITS[0]
-  blk.zero_hist(0)
-  m.barrier()
 
-  def load_body(vcs, ins, c):
+  def body(vcs, ins, c):
     loaded = [glob.raw(vc) for vc in vcs]                 # all loads issued first
     for vc, p, ld in zip(vcs, ins, loaded):
       kv = glob.keys4(vc, p, ld)
       for e in range(4):
         m.red_shared_add(blk.hist_at(0, m.shr(kv[e], sh0)), m.c(1), pred=m.ne(kv[e], m.c(0)))
-      m.st_shared_v4(m.gep(keys_p, m.shl(vc, 2)), kv, p)
+      if keys_p is not None:
+        m.st_shared_v4(m.gep(keys_p, m.shl(vc, 2)), kv, p)
     return c
 
-  blk.vec_loop(glob, cfg.load_unroll, [], load_body)
+  blk.vec_loop(glob, blk.cfg.load_unroll, [], body)
+
+
+def _emit_select(blk, glob, keys_p, out, *, k):
+  """A segment held in shared memory: one load sweep from global memory (keys to shared
+  memory, top-digit histogram), then every other sweep over shared memory."""
+  cfg = blk.cfg
+  blk.zero_hist(0)
+  m.barrier()
+  _hist_sweep(blk, glob, keys_p)
   m.barrier()
   if cfg.stop_after == 1:
     return
@@ -449,16 +456,7 @@ def _emit_stream(blk, glob, keys_p, cid_p, out, *, k):
     m.st_shared(m.gep(keys_p, m.add(t, m.c(j * nt))), m.c(0))
   m.st_shared(m.gep(blk.misc_p, m.c(_FLAG)), m.c(0), pred=m.eq(t, m.c(0)))
   m.barrier()
-
-  def hist_body(vcs, ins, c):
-    loaded = [glob.raw(vc) for vc in vcs]                 # all loads issued first
-    for vc, p, ld in zip(vcs, ins, loaded):
-      kv = glob.keys4(vc, p, ld)
-      for e in range(4):
-        m.red_shared_add(blk.hist_at(0, m.shr(kv[e], sh0)), m.c(1), pred=m.ne(kv[e], m.c(0)))
-    return c
-
-  blk.vec_loop(glob, cfg.load_unroll, [], hist_body)
+  _hist_sweep(blk, glob)
   m.barrier()
   scan0 = blk.scan(0, _HIST, m.c(k), zero_next=1)
   b0, above0, cnt0, _ = scan0
