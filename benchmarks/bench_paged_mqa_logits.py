@@ -48,8 +48,9 @@ def context_lens(B: int, avg: int, seed: int = 0) -> np.ndarray:
   return np.maximum(1, (avg * rng.uniform(0.7, 1.3, B)).astype(np.int32))
 
 
-def make_caches(ctx: np.ndarray, copies: int, seed: int = 0):
-  """``copies`` caches (shuffled pages, built on the device) and one block table."""
+def shuffled_tables(ctx: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int]:
+  """(int32 [B, max pages] block tables, -1 padded; P pages in all): every request's pages
+  distinct and in shuffled order, as a long-running server's allocator leaves them."""
   B = len(ctx)
   pages_per = -(-ctx // PAGE)
   P = int(pages_per.sum())
@@ -58,6 +59,12 @@ def make_caches(ctx: np.ndarray, copies: int, seed: int = 0):
   starts = np.concatenate([[0], np.cumsum(pages_per)])
   for b in range(B):
     tables[b, :pages_per[b]] = perm[starts[b]:starts[b + 1]]
+  return tables, P
+
+
+def make_caches(ctx: np.ndarray, copies: int, seed: int = 0):
+  """``copies`` caches (shuffled pages, built on the device) and one block table."""
+  tables, P = shuffled_tables(ctx, seed)
   caches = []
   for c in range(copies):
     kk, ks = jax.random.split(jax.random.key(100 + c))

@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from benchmarks.bench_paged_mqa_logits import context_lens, shuffled_tables  # noqa: E402
 from kernels_pallas import paged_mqa_logits as kernel  # noqa: E402
 from nsa_jax import ops, reference  # noqa: E402
 from nsa_jax.cache import IndexKCache  # noqa: E402
@@ -63,28 +64,15 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
   return v
 
 
-def context_lens(B: int, avg: int, seed: int) -> np.ndarray:
-  if B == 1:
-    return np.array([avg], np.int32)
-  rng = np.random.default_rng(seed)
-  return np.maximum(1, (avg * rng.uniform(0.7, 1.3, B)).astype(np.int32))
-
-
 def make_problem(B: int, avg: int, n: int, seed: int = 0):
   ctx = context_lens(B, avg, seed=B + avg)
-  pages_per = -(-ctx // PAGE)
-  P = int(pages_per.sum())
-  perm = np.random.default_rng(seed).permutation(P).astype(np.int32)
-  tables = np.full((B, int(pages_per.max())), -1, np.int32)
-  starts = np.concatenate([[0], np.cumsum(pages_per)])
-  for b in range(B):
-    tables[b, :pages_per[b]] = perm[starts[b]:starts[b + 1]]
+  tables, P = shuffled_tables(ctx, seed)
   kk, ks, kq, kw = jax.random.split(jax.random.key(seed + 7), 4)
   k8 = jax.random.normal(kk, (P, PAGE, D), jnp.bfloat16).astype(jnp.float8_e4m3fn)
   scale = jax.random.uniform(ks, (P, PAGE), jnp.float32, 0.5, 2.0)
   q8 = jax.random.normal(kq, (B, n, H, D), jnp.bfloat16).astype(jnp.float8_e4m3fn)
   w = jax.random.normal(kw, (B * n, H), jnp.float32) * (H * D) ** -0.5
-  L = int(pages_per.max()) * PAGE
+  L = tables.shape[1] * PAGE
   return dict(q8=q8, cache=IndexKCache(k8, scale), w=w, ctx=jnp.asarray(ctx),
               tables=jnp.asarray(tables), L=L, tokens=int(ctx.sum()))
 
