@@ -1,7 +1,7 @@
 """Host overhead of one ``IndexerSteps.decode`` / ``.prefill`` call: wall time minus device time.
 
 Usage: PYTHONPATH=. python benchmarks/bench_host_overhead.py [--smoke] [--out DIR] [--iters N]
-                                                             [--cases decode,extend,prefill]
+                                       [--cases decode,extend,prefill] [--only 1x4K,64x32K]
 
 An engine calls the jitted step once per layer per token, so whatever the host spends per call
 (argument flattening, dispatch, donation, the output's pytree) is paid 61 times a token on
@@ -12,9 +12,13 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
   through (donated) as an engine does. The previous call's output is still alive during the
   call (as ``out, cache = steps.decode(...)`` in a loop leaves it).
 - ``return_ms``: the part of it until the call returns (host-side work before the device runs).
-- ``device_ms``: device time of the same step, by the difference of R-call jits of the pure
-  step (``benchmarks/common.time_per_call``: R distinct inputs, fixed costs cancel).
+- ``device_ms``: the GPU's busy span of one standalone call: first kernel start to last
+  kernel end, from the kernel timestamps CUPTI records (torch profiler; the graph's gaps
+  between kernels count, as the device is running the step then). ``kernel_ms``: the sum of
+  those kernels alone. ``rdiff_ms``: the difference of R-call jits of the pure step
+  (``benchmarks/common.time_per_call``), the method without a profiler: noisy at these sizes.
 - ``overhead_ms = wall_ms - device_ms``: the host's share; the goal is <= 0.1 ms on an H200.
+  Without a GPU profiler (CPU), ``device_ms`` falls back to ``rdiff_ms``.
 - ``floor_ms``: the wall time of a jit of the same arguments that does (almost) nothing (one
   tiny op, cache donated and returned): what jax itself costs for this argument list;
   ``vs_floor_ms = overhead_ms - floor_ms`` is what the step adds on top of it.
@@ -28,7 +32,9 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
 - ``kernels``: GPU kernels one call launches (torch profiler, when torch is installed and the
   backend is a GPU; else None).
 - ``in_jit_ms``: wall time per layer when ``R_BIG`` layers run in one jit (the README's
-  "every layer in one jit"): what the dispatch costs once it is amortized.
+  "every layer in one jit"): what the dispatch costs once it is amortized;
+  ``step_device_ms``: the device span of that jit (profiler) divided by ``R_BIG``: the
+  device time of one decode step when steps run back to back (issue 16's table).
 
 Every standalone figure is the lowest of ``ROUNDS`` medians of ``--iters`` calls: the first
 seconds after a process starts are often slower on the host (seen on the H200 machines here),
@@ -71,11 +77,12 @@ def _bf16(rng, shape):
 
 
 def _random_cache(rng, num_pages, D):
-  """A cache of random fp8 keys (zeros would make every logit tie), made on the host."""
-  k = rng.standard_normal((num_pages, 64, D), np.float32)
+  """A cache of random fp8 keys (zeros would make every logit tie), made on the host from
+  random bytes (fast enough for 128K-token contexts): clearing bit 6 keeps every e4m3 code
+  finite (|k| < 2, no NaN code)."""
+  k = rng.integers(0, 256, (num_pages, 64, D), dtype=np.uint8) & np.uint8(0xBF)
   return jax.device_put(nsa_jax.IndexKCache(
-      (k * 64).clip(-448, 448).astype(ml_dtypes.float8_e4m3fn),
-      np.full((num_pages, 64), 1 / 64, np.float32)))
+      k.view(ml_dtypes.float8_e4m3fn), np.full((num_pages, 64), 1 / 64, np.float32)))
 
 
 def _standalone(call, cache, iters, warmup=5, free_out=False):
@@ -125,34 +132,52 @@ def _floor(params, x, qr, inputs, cache, iters):
   return wall, cache
 
 
-def _kernels(call, cache, calls=10):
-  """(GPU kernels per call or None, cache): CUPTI via the torch profiler sees JAX's kernels."""
+def _profile(run, calls=10):
+  """Per call of ``run()`` (which blocks): (kernels, kernel-sum s, busy-span s) medians from
+  the GPU kernels CUPTI records (torch profiler), or None without a GPU profiler. Calls are
+  separated by a host sync, so the i-th run of ``kernels`` consecutive kernels is call i."""
   if jax.default_backend() != "gpu":
-    return None, cache
+    return None
   try:
     import torch
     from torch.profiler import ProfilerActivity, profile
   except ImportError:
-    return None, cache
-  out, cache = call(cache)
-  jax.block_until_ready(out)
+    return None
+  run()
   try:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
       for _ in range(calls):
-        out, cache = call(cache)
-        jax.block_until_ready(out)
+        run()
     events = prof.events()
   except RuntimeError as e:  # a profiler that cannot start must not cost the timings
-    print(f"  (no kernel count: {e})", flush=True)
-    return None, cache
-  n = sum(1 for e in events
-          if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
-          and "memset" not in e.name.lower())
-  return n / calls, cache
+    print(f"  (no profile: {e})", flush=True)
+    return None
+  ks = sorted((e.time_range.start, e.time_range.end) for e in events
+              if e.device_type == torch.autograd.DeviceType.CUDA
+              and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+  if not ks or len(ks) % calls:
+    print(f"  (profile: {len(ks)} kernels over {calls} calls: not a whole number each)")
+    return None
+  k = len(ks) // calls
+  per = [ks[i * k:(i + 1) * k] for i in range(calls)]
+  busy = statistics.median(c[-1][1] - c[0][0] for c in per) * 1e-6
+  ksum = statistics.median(sum(e - s for s, e in c) for c in per) * 1e-6
+  return k, ksum, busy
+
+
+def _kernels(call, cache, calls=10):
+  """((kernels, kernel-sum s, busy span s) per standalone call or None, cache)."""
+  state = dict(cache=cache)
+
+  def run():
+    out, state["cache"] = call(state["cache"])
+    jax.block_until_ready(out)
+  return _profile(run, calls), state["cache"]
 
 
 def _device(pure, params, xs, qrs, inputs, cache, iters):
-  """(in-jit wall per layer s, device s per call) by the R-call difference."""
+  """(in-jit wall per layer s, device s per call by the R-call difference, device span s
+  per step of the R_BIG-step jit or None)."""
   def make(R):
     @jax.jit
     def run(params, xs, qrs, inputs, cache):
@@ -164,7 +189,9 @@ def _device(pure, params, xs, qrs, inputs, cache, iters):
     return run, (params, xs[:R], qrs[:R], inputs, cache)
 
   _, wall_big, dev = common.time_per_call(make, r_small=R_SMALL, r_big=R_BIG, iters=iters)
-  return wall_big, dev
+  fn, args = make(R_BIG)
+  prof = _profile(lambda: jax.block_until_ready(fn(*args)), calls=5)
+  return wall_big, dev, (prof[2] / R_BIG if prof else None)
 
 
 def _case(name, kind, steps_list, cfg, rows, P, inputs, iters, T, S, seed):
@@ -178,16 +205,21 @@ def _case(name, kind, steps_list, cfg, rows, P, inputs, iters, T, S, seed):
   wall, ret, cache = _standalone(call, cache, iters)
   free, _, cache = _standalone(call, cache, iters, free_out=True)
   floor, cache = _floor(steps.params, xs[0], qrs[0], inputs, cache, iters)
-  kernels, cache = _kernels(call, cache)
+  prof, cache = _kernels(call, cache)
   caches = [cache] + [_random_cache(rng, P, cfg.head_dim) for _ in steps_list[1:]]
   layers = _layers(steps_list, kind, xs[0], qrs[0], inputs, caches, iters)
   pure = steps.decode_fn() if kind == "decode" else steps.prefill_fn()
-  in_jit, dev = _device(pure, steps.params, xs, qrs, inputs, caches[0], max(5, iters // 4))
+  in_jit, rdiff, step_dev = _device(pure, steps.params, xs, qrs, inputs, caches[0],
+                                    max(5, iters // 4))
+  kernels, ksum, dev = prof if prof else (None, None, rdiff)
   ms = 1e3
+  opt = lambda v: None if v is None else v * ms  # noqa: E731
   return dict(case=name, step=kind, T=T, S=S, wall_ms=wall * ms, return_ms=ret * ms,
-              device_ms=dev * ms, overhead_ms=(wall - dev) * ms, floor_ms=floor * ms,
+              device_ms=dev * ms, kernel_ms=opt(ksum), rdiff_ms=rdiff * ms,
+              overhead_ms=(wall - dev) * ms, floor_ms=floor * ms,
               vs_floor_ms=(wall - dev - floor) * ms, free_out_ms=free * ms,
-              layers_ms=layers * ms, kernels=kernels, in_jit_ms=in_jit * ms)
+              layers_ms=layers * ms, kernels=kernels, in_jit_ms=in_jit * ms,
+              step_device_ms=opt(step_dev))
 
 
 def decode_case(name, steps_list, cfg, B, ctx_len, iters, seed=0):
@@ -213,6 +245,7 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=None, help="standalone calls timed per case")
   ap.add_argument("--cases", default="decode,extend,prefill",
                   help="comma-separated subset of decode,extend,prefill")
+  ap.add_argument("--only", default="", help="comma list of case names (e.g. '1x4K,64x32K')")
   args = ap.parse_args(argv)
   want = set(args.cases.split(","))
   cfg = SMOKE_CFG if args.smoke else FULL_CFG
@@ -221,20 +254,26 @@ def main(argv=None):
     prefill = [("extend 1x64/512", [64], [512])]
     iters = args.iters or 30
   else:
-    decode = [("decode 1x4K", 1, 4096), ("decode 1x32K", 1, 32768),
-              ("decode 64x4K", 64, 4096), ("decode 64x32K", 64, 32768)]
+    decode = [("decode 1x4K", 1, 4096), ("decode 1x32K", 1, 32768), ("decode 1x128K", 1, 131072),
+              ("decode 64x4K", 64, 4096), ("decode 64x32K", 64, 32768),
+              ("decode 64x128K", 64, 131072)]
     prefill = [("extend 1x128/4K", [128], [4096]), ("prefill 4K", [4096], [0])]
     iters = args.iters or 200
   decode = decode if "decode" in want else []
   prefill = [c for c in prefill if c[0].split()[0] in want]
+  if args.only:
+    keep = set(args.only.split(","))
+    decode = [c for c in decode if c[0].split()[1] in keep]
+    prefill = [c for c in prefill if c[0].split()[1] in keep]
   print(f"host overhead of IndexerSteps | {common.card()} | jax {jax.__version__} | "
         f"{jax.default_backend()} | dim {cfg.dim}, H {cfg.n_heads}, D {cfg.head_dim}, "
         f"top-{cfg.topk}", flush=True)
   nsa_jax.budget.prime()
   steps_list = [nsa_jax.IndexerSteps(Indexer(cfg, rngs=nnx.Rngs(i))) for i in range(LAYERS)]
   rows = []
-  cols = ["case", "T", "S", "wall_ms", "return_ms", "device_ms", "overhead_ms", "floor_ms",
-          "vs_floor_ms", "free_out_ms", "layers_ms", "kernels", "in_jit_ms"]
+  cols = ["case", "T", "S", "wall_ms", "return_ms", "device_ms", "kernel_ms", "rdiff_ms",
+          "overhead_ms", "floor_ms", "vs_floor_ms", "free_out_ms", "layers_ms", "kernels",
+          "in_jit_ms", "step_device_ms"]
   jobs = ([(decode_case, name, B, L) for name, B, L in decode] +
           [(prefill_case, name, ext, pre) for name, ext, pre in prefill])
   for fn, name, a, b in jobs:

@@ -8,8 +8,7 @@ Usage (H200, from the project root):
 H = 64, D = 128, pages of 64 tokens in shuffled order, contexts 0.7-1.3x the average (B = 1:
 exactly the average), ``max_context_len`` the largest context in whole pages, clean logits.
 Per shape, every variant's output is first checked against the default's (``grid``: what
-``nsa_jax.paged_mqa_logits`` runs today; for next_n 3 and 4 that is the composition of
-next_n <= 2 calls): the same -inf pattern and calc_diff < 5e-6 (the default itself against the
+``nsa_jax.paged_mqa_logits`` runs today, every next_n in one launch): the same -inf pattern and calc_diff < 5e-6 (the default itself against the
 float32 reference on the smaller shapes). Then the kernel time per call (``common.
 kernel_ms_per_call``: every GPU kernel of a call summed from the torch profiler, L2 flushed
 before each call, as DeepGEMM is timed). A persistent variant needs a plan (``paged_plan``,
@@ -27,6 +26,7 @@ One row per (shape, variant), each in its own try/except; the JSON (``--out``/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -55,9 +55,11 @@ SMOKE_SHAPES = [(3, 200, 1), (2, 150, 2), (2, 130, 3), (1, 70, 4)]
 
 
 def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
-  """name -> config; None is the default path (ops' dispatch with the default config)."""
+  """name -> config; None is the default path (ops' dispatch with the default config); a
+  dict replaces fields of the shape's default config (``default_config(B, L)``)."""
   P = kernel.PagedConfig
-  v = {"grid": None, "grid_native": "native"}
+  v = {"grid": None, "grid_st2": dict(num_stages=2), "grid_st8": dict(num_stages=8),
+       "grid_p2x": "p2x", "grid_p_half": "p_half"}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)
@@ -77,18 +79,26 @@ def make_problem(B: int, avg: int, n: int, seed: int = 0):
               tables=jnp.asarray(tables), L=L, tokens=int(ctx.sum()))
 
 
+def resolve(cfg, B: int, L: int):
+  """A variant's config for this shape (None and PagedConfig pass through)."""
+  if isinstance(cfg, (dict, str)):
+    base = kernel.default_config(B, L)
+    if cfg == "p2x":
+      cfg = dict(pages_per_split=min(2 * base.pages_per_split, 128))
+    elif cfg == "p_half":
+      cfg = dict(pages_per_split=max(base.pages_per_split // 2, 1))
+    return dataclasses.replace(base, **cfg)
+  return cfg
+
+
 def make_call(cfg, n: int, L: int, interpret):
   """(logits fn(q8, cache, w, ctx, tables[, plan]), plan fn(ctx) or None)."""
-  if cfg is None:  # the library's dispatch (groups of <= 2 query tokens for next_n > 2)
-    groups, why = ops.paged_kernel_groups(n, H, D)
-    assert why is None, why
+  if cfg is None:  # the library's dispatch
 
     def f(q8, cache, w, ctx, tables):
-      return ops._paged_pallas(q8, cache, w, ctx, tables, groups=groups, max_context_len=L,
+      return ops._paged_pallas(q8, cache, w, ctx, tables, max_context_len=L,
                                clean_logits=True, interpret=interpret)
     return jax.jit(f), None
-  if cfg == "native":
-    cfg = None  # the kernel's default grid config, all next_n query tokens in one launch
 
   def g(q8, cache, w, ctx, tables, plan=None):
     return kernel.paged_mqa_logits(q8, cache.k_fp8, cache.k_scale, w, ctx, tables, plan,
@@ -137,7 +147,7 @@ def peers_table(path: str | None) -> dict:
 
 def fits(cfg, n: int) -> str | None:
   """Why this config cannot run as meant (None if it can)."""
-  if cfg is None or cfg == "native":
+  if cfg is None:
     return None
   need = kernel.smem_bytes(n, H, cfg)
   if need * cfg.ctas_per_sm > 227 * 1024:
@@ -207,11 +217,10 @@ def main(argv=None):
         print(f"budget of {args.budget:.0f} s spent: stopping before {tag} {name}", flush=True)
         stopped = True
         break
-      if name == "grid_native" and n * H <= 128:
-        continue  # the same launch as grid
       row = dict(shape=tag, B=B, ctx=avg, next_n=n, variant=name, L=p["L"],
                  tokens=p["tokens"], cache_MB=p["tokens"] * BYTES_PER_TOKEN / 1e6)
       try:
+        cfg = resolve(cfg, B, p["L"])
         why = fits(cfg, n)
         if why:
           row["skipped"] = why

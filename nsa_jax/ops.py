@@ -178,26 +178,6 @@ def check_next_n(fn: str, what: str, n: int) -> None:
                      f"next_n={n} from {what}")
 
 
-def paged_kernel_groups(next_n: int, H: int, D: int):
-  """How the paged Pallas kernel covers ``next_n`` query tokens: ``(groups, why)``.
-
-  ``groups`` is a tuple of ``(t0, g)``: query tokens ``t0 .. t0 + g - 1`` of every request
-  go through one kernel call with ``next_n = g``; ``why`` is None, or why the kernel cannot
-  run (then ``groups`` is None). The kernel takes ``next_n`` in {1, 2} with
-  ``next_n * H <= 128``; a larger ``next_n`` (or 2 at H = 128) is cut into groups of 2 (1
-  where 2 * H > 128), each reading the request's cache pages once more.
-  """
-  from kernels_pallas import paged_mqa_logits as kernel
-  if kernel.unsupported_reason(1, H, D):
-    # Said in terms of this call: the kernel's own reason would name next_n=1.
-    return None, (f"need H in (16, 32, 64, 128) and D == 128 (next_n={next_n} runs as groups "
-                  f"of next_n * H <= 128 query rows), got H={H}, D={D}")
-  if kernel.unsupported_reason(next_n, H, D) is None:
-    return ((0, next_n),), None
-  g = 2 if kernel.unsupported_reason(2, H, D) is None else 1
-  return tuple((t0, min(g, next_n - t0)) for t0 in range(0, next_n, g)), None
-
-
 @functools.partial(jax.jit, static_argnames=("max_context_len", "clean_logits"))
 def _paged_xla(q_fp8, cache, weights, context_lens, block_tables, max_context_len, clean_logits):
   return reference.paged_mqa_logits(q_fp8, cache.k_fp8, cache.k_scale, weights, context_lens,
@@ -205,33 +185,13 @@ def _paged_xla(q_fp8, cache, weights, context_lens, block_tables, max_context_le
                                     clean_logits=clean_logits, fp8_dot=True)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "max_context_len", "clean_logits",
-                                             "interpret"))
-def _paged_pallas(q_fp8, cache, weights, context_lens, block_tables, *, groups, max_context_len,
+@functools.partial(jax.jit, static_argnames=("max_context_len", "clean_logits", "interpret"))
+def _paged_pallas(q_fp8, cache, weights, context_lens, block_tables, *, max_context_len,
                   clean_logits, interpret):
   from kernels_pallas import paged_mqa_logits as kernel
-  call = functools.partial(kernel.paged_mqa_logits, k_pages=cache.k_fp8,
-                           k_scale_pages=cache.k_scale, block_tables=block_tables,
-                           max_context_len=max_context_len, clean_logits=clean_logits,
-                           interpret=interpret)
-  if len(groups) == 1:
-    return call(q_fp8, weights=weights, context_lens=context_lens)
-  B, n, H, _ = q_fp8.shape
-  L = max_context_len
-  w = weights.reshape(B, n, H)
-  parts = []
-  for t0, g in groups:
-    # Query t = t0 + u of the whole step sees p <= ctx - n + t (which implies p < ctx). A
-    # next_n = g call with context ctx' gives its query u the keys p <= ctx' - g + u (and
-    # p < ctx'); ctx' = ctx - n + t0 + g makes both the same set. ctx' <= ctx, so no page
-    # past the request's is read; a negative ctx' (ctx < n - t0 - g) has no valid key for
-    # any u, as ctx' = 0 has none: clamping only keeps the kernel's input in range.
-    ctx_g = jnp.maximum(context_lens - (n - t0 - g), 0)
-    out = call(q_fp8[:, t0:t0 + g], weights=w[:, t0:t0 + g].reshape(B * g, H),
-               context_lens=ctx_g)
-    parts.append(out.reshape(B, g, L))
-  # Row b * n + t of the result is query t of request b.
-  return jnp.concatenate(parts, axis=1).reshape(B * n, L)
+  return kernel.paged_mqa_logits(q_fp8, cache.k_fp8, cache.k_scale, weights, context_lens,
+                                 block_tables, max_context_len=max_context_len,
+                                 clean_logits=clean_logits, interpret=interpret)
 
 
 def paged_mqa_logits(q_fp8, cache: IndexKCache, weights, context_lens, block_tables, *,
@@ -242,11 +202,8 @@ def paged_mqa_logits(q_fp8, cache: IndexKCache, weights, context_lens, block_tab
   Query t of request b sees token p iff ``p < context_lens[b]`` and
   ``p <= context_lens[b] - next_n + t``.
 
-  The Pallas kernel handles up to 2 query tokens per call (with ``next_n * H <= 128``); a
-  larger ``next_n`` (or ``next_n = 2`` at H = 128) runs it once per group of 2 query tokens
-  (1 where ``2 * H > 128``) with shortened context lengths, so it reads each request's
-  cache pages ``ceil(next_n / 2)`` (or ``next_n``) times and copies the logits once to
-  interleave the rows (:func:`paged_kernel_groups`).
+  The Pallas kernel takes all ``next_n`` query tokens of a request in one launch and reads
+  each cache page once (one wgmma per group of ``128 // H`` query tokens on the page).
 
   Args:
     q_fp8: float8_e4m3fn [B, next_n, H, D], next_n in 1..4 (``MAX_NEXT_N``, the tested
@@ -292,13 +249,13 @@ def paged_mqa_logits(q_fp8, cache: IndexKCache, weights, context_lens, block_tab
     return jnp.zeros((B * n, max_context_len), _F32)
 
   def supported():
-    return paged_kernel_groups(n, H, D)[1]
+    from kernels_pallas import paged_mqa_logits as kernel
+    return kernel.unsupported_reason(n, H, D)
 
   if resolve_backend(backend, interpret, supported, fn, (q_fp8, cache.k_fp8)) == "xla":
     return _paged_xla(q_fp8, cache, weights, context_lens, block_tables, max_context_len,
                       clean_logits)
   return _paged_pallas(q_fp8, cache, weights, context_lens, block_tables,
-                       groups=paged_kernel_groups(n, H, D)[0],
                        max_context_len=max_context_len, clean_logits=clean_logits,
                        interpret=interpret)
 
