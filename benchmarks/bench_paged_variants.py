@@ -58,8 +58,8 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
   """name -> config; None is the default path (ops' dispatch with the default config); a
   dict replaces fields of the shape's default config (``default_config(B, L)``)."""
   P = kernel.PagedConfig
-  v = {"grid": None, "grid_st2": dict(num_stages=2), "grid_st8": dict(num_stages=8),
-       "grid_p2x": "p2x", "grid_p_half": "p_half"}
+  v = {"grid": None, "grid_rows64": dict(group_rows=64), "grid_st2": dict(num_stages=2),
+       "grid_st8": dict(num_stages=8), "grid_p2x": "p2x", "grid_p_half": "p_half"}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)

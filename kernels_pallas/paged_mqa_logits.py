@@ -103,6 +103,10 @@ class PagedConfig:
       lengths, the ring running across request boundaries.
     ctas_per_sm, num_sms: ``schedule="persistent"``: the grid is ``ctas_per_sm * num_sms``
       CTAs (132 SMs on an H100 SXM and an H200).
+    group_rows: query rows (``g * H``) per wgmma at most, 64 or 128 (:func:`query_groups`).
+      When a request's ``next_n * H`` rows fit one 128-row accumulator but come in several
+      groups (64: next_n = 2 at H = 64), all the groups' wgmmas are issued before the
+      first epilogue, so that one group's epilogue runs while the next group's MMA does.
   """
 
   pages_per_split: int = 16
@@ -110,6 +114,7 @@ class PagedConfig:
   schedule: str = "grid"
   ctas_per_sm: int = 2
   num_sms: int = _NUM_SMS
+  group_rows: int = 128
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
@@ -122,6 +127,8 @@ class PagedConfig:
                        f"{self.schedule!r}")
     if self.ctas_per_sm < 1 or self.num_sms < 1:
       raise ValueError(f"PagedConfig: need ctas_per_sm, num_sms >= 1, got {self}")
+    if self.group_rows not in (64, 128):
+      raise ValueError(f"PagedConfig: group_rows must be 64 or 128, got {self.group_rows}")
 
   @property
   def num_ctas(self) -> int:
@@ -143,12 +150,12 @@ def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS) ->
   return PagedConfig(pages_per_split=per)
 
 
-def query_groups(next_n: int, H: int) -> tuple[tuple[int, int], ...]:
-  """``(t0, g)`` per wgmma of a page: query tokens ``t0 .. t0 + g - 1`` (``g * H <= 128``
-  query rows: the wgmma N side, one float32 accumulator of at most 64 registers a thread).
-  Every group reads the page from the same SMEM slot, so the page is loaded once whatever
-  next_n."""
-  per = max(1, 128 // H)
+def query_groups(next_n: int, H: int, rows: int = 128) -> tuple[tuple[int, int], ...]:
+  """``(t0, g)`` per wgmma of a page: query tokens ``t0 .. t0 + g - 1`` (``g * H <= rows``
+  query rows, or one token where ``H > rows``: the wgmma N side, one float32 accumulator of
+  at most 64 registers a thread). Every group reads the page from the same SMEM slot, so the
+  page is loaded once whatever next_n."""
+  per = max(1, rows // H)
   return tuple((t0, min(per, next_n - t0)) for t0 in range(0, next_n, per))
 
 
@@ -242,27 +249,49 @@ def _copy_queries(q_src, w_src, q_dst, w_dst, bar, n, H):
     plgpu.copy_gmem_to_smem(w_src.at[pl.ds(r0, rows)], w_dst.at[pl.ds(r0, rows)], bar)
 
 
-def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w_hoisted):
+def _overlapped(n: int, H: int, rows: int) -> bool:
+  """Whether the page's wgmma groups are all in flight at once (their accumulators fit the
+  registers of one 128-row group)."""
+  return len(query_groups(n, H, rows)) > 1 and n * H <= 128
+
+
+def _hoisted_weights(w_smem, n, H, rows):
+  """Per wgmma group, its head weights broadcast to the accumulator's [64, g*H] layout, to
+  keep in registers across the pages; None when the groups run one after another (the
+  registers go to the accumulator; each group then loads its weights per page)."""
+  groups = query_groups(n, H, rows)
+  if len(groups) > 1 and not _overlapped(n, H, rows):
+    return None
+  out = []
+  for t0, g in groups:
+    w = plgpu.load(w_smem.at[pl.ds(t0 * H, g * H)] if len(groups) > 1 else w_smem,
+                   layout=plgpu.Layout.WGMMA.reduce(0))
+    out.append(lax.broadcast_in_dim(w, (PAGE, g * H), [1]))
+  return out
+
+
+def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w_hoisted,
+               rows=128):
   """One page: logits of its 64 tokens for the n queries into ``o_ref`` [n, 64] (SMEM).
 
-  One fp8 wgmma per query group: M = 64 (the page's tokens), N = g * H (the query rows),
-  K = D = 128, float32 accumulate. Then in registers: relu, times the head weight (a per
-  column vector), a sum over each query's H columns (a row reduction within a warp), times
-  the token's scale and the validity mask."""
+  One fp8 wgmma per query group (:func:`query_groups`): M = 64 (the page's tokens),
+  N = g * H (the query rows), K = D = 128, float32 accumulate. Then in registers: relu,
+  times the head weight (a per column vector), a sum over each query's H columns (a row
+  reduction within a warp), times the token's scale and the validity mask. With several
+  groups that fit one accumulator's registers together (:func:`_overlapped`), every
+  group's wgmma is issued first and group i's epilogue runs while group i + 1's MMA does."""
   ksc = plgpu.load(ks_ref, layout=plgpu.Layout.WGMMA.reduce(1))
-  for t0, g in query_groups(n, H):
+  groups = query_groups(n, H, rows)
+
+  def q_of(t0, g):
+    return q_ref if g == n else q_ref.at[pl.ds(t0 * H, g * H)]
+
+  def epilogue(s, gi, t0, g):
     NQ = g * H
-    q_g = q_ref if NQ == n * H else q_ref.at[pl.ds(t0 * H, NQ)]
-
-    def mma(acc):
-      plgpu.wgmma(acc, k_ref, q_g.T)
-      return acc[...]
-
-    s = pl.run_scoped(mma, plgpu.ACC((PAGE, NQ), _F32))              # [64 tokens, g*H]
     if w_hoisted is not None:
-      w = w_hoisted
+      w = w_hoisted[gi]
     else:
-      w_g = w_ref if NQ == n * H else w_ref.at[pl.ds(t0 * H, NQ)]
+      w_g = w_ref if g == n else w_ref.at[pl.ds(t0 * H, NQ)]
       w = plgpu.load(w_g, layout=plgpu.Layout.WGMMA.reduce(0))
       w = lax.broadcast_in_dim(w, (PAGE, NQ), [1])
     s = jnp.maximum(s, 0.0) * w
@@ -277,12 +306,27 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
         r = jnp.where(row < lim, r, -jnp.inf)
       o_ref[t, :] = r
 
+  if _overlapped(n, H, rows):
+    def mma_all(*accs):
+      for (t0, g), acc in zip(groups, accs):
+        plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
+      for gi, ((t0, g), acc) in enumerate(zip(groups, accs)):
+        epilogue(plgpu.wgmma_accumulator_load(acc, wait_n=len(groups) - 1 - gi), gi, t0, g)
+
+    pl.run_scoped(mma_all, *[plgpu.ACC((PAGE, g * H), _F32) for _, g in groups])
+    return
+  for gi, (t0, g) in enumerate(groups):
+    def mma(acc, t0=t0, g=g):
+      plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
+      return acc[...]
+
+    epilogue(pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32)), gi, t0, g)
+
 
 def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
                  k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar, *,
                  n, H, num_pages, max_pages, out_pages, config, clean):
   NS, PS = config.num_stages, config.pages_per_split
-  NQ = n * H
   b = lax.axis_index("b")
   j0 = lax.axis_index("s") * PS
   j1 = jnp.minimum(j0 + PS, out_pages)
@@ -325,11 +369,8 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
         issue(first[st], st)
 
     plgpu.barrier_wait(q_bar)
-    w = None
-    if len(query_groups(n, H)) == 1:
-      # One group: its weights stay in registers for the whole split.
-      w = plgpu.load(w_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-      w = lax.broadcast_in_dim(w, (PAGE, NQ), [1])
+    # The weights stay in registers for the whole split where they fit.
+    w = _hoisted_weights(w_smem, n, H, config.group_rows)
 
     @pl.loop(0, n_comp)
     def _(i):
@@ -342,7 +383,8 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       oslot = lax.rem(i, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)                  # o_smem[oslot] is free
       _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, o_smem.at[oslot],
-                 n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w)
+                 n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w,
+                 rows=config.group_rows)
       # Fences the SMEM writes for the TMA store, and orders every read of this slot's
       # scales before the refill below overwrites them.
       plgpu.commit_smem()
@@ -455,7 +497,7 @@ def _persistent_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, req_gm
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)                  # o_smem[oslot] is free
       _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem.at[qslot], w_smem.at[qslot],
                  o_smem.at[oslot], n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean,
-                 w_hoisted=None)
+                 w_hoisted=None, rows=config.group_rows)
       plgpu.commit_smem()
 
       @pl.when(i + NS < count)

@@ -155,6 +155,28 @@ def test_kernel_variants_match_float64(variant, next_n):
   assert calc_diff(out, ref) < 5e-6
 
 
+@pytest.mark.parametrize("next_n,H", [(2, 64), (3, 32), (4, 32), (2, 32)])
+@pytest.mark.parametrize("schedule", ["grid", "persistent"])
+def test_kernel_group_rows_64(next_n, H, schedule):
+  """group_rows=64: a request's query rows in 64-row wgmma groups, all in flight before the
+  first epilogue (next_n * H <= 128: 2 x 64, 64 + 32, 2 x 64 rows; one group at 2 x 32),
+  NaN-poisoned outputs, races checked: exact -inf pattern and values against float64."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+  from kernels_pallas import paged_mqa_logits as kernel
+  assert kernel._overlapped(next_n, H, 64) == (next_n * H > 64)
+  rng = np.random.default_rng(50 + next_n + H)
+  p = paged_problem(rng, [1, 64, 0, 150, 333, 2], next_n=next_n, H=H, max_context_len=340)
+  extra = (dict(ctas_per_sm=1, num_sms=3) if schedule == "persistent"
+           else dict(pages_per_split=2))
+  cfg = kernel.PagedConfig(schedule=schedule, num_stages=2, group_rows=64, **extra)
+  out = np.asarray(_kernel(p, cfg, races=True))
+  assert not get_races().races_found
+  assert not np.isnan(out).any(), "unwritten output elements"
+  ref = paged_mqa_logits_np(p)
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+
+
 @pytest.mark.parametrize("variant", ["grid_p2_s2", "pers_3ctas_s2"])
 def test_kernel_wide_queries(variant):
   """next_n = 4 at H = 128: 512 query rows, copied in two TMA boxes of 256 rows, and four
@@ -320,7 +342,9 @@ _PERSISTENT = dict(schedule="persistent", ctas_per_sm=2, num_stages=4)
     (64, 3, 64, 65536, True, None), (8, 4, 128, 8192, False, None),
     (64, 1, 64, 65536, True, _PERSISTENT), (64, 2, 64, 65536, False, _PERSISTENT),
     (64, 4, 64, 32768, True, dict(_PERSISTENT, ctas_per_sm=1, num_stages=8)),
-    (1, 3, 16, 4099, True, dict(_PERSISTENT, num_stages=16))])
+    (1, 3, 16, 4099, True, dict(_PERSISTENT, num_stages=16)),
+    (64, 2, 64, 32768, True, dict(group_rows=64)), (8, 3, 32, 4099, False, dict(group_rows=64)),
+    (64, 2, 64, 32768, True, dict(_PERSISTENT, group_rows=64))])
 def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits, cfg):
   """The production shapes (B=64, H=64, D=128, 64K context) and odd ones go through the whole
   Mosaic GPU lowering (layout inference, fp8 wgmma operand checks, TMA descriptors) on a
