@@ -59,7 +59,8 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
   dict replaces fields of the shape's default config (``default_config(B, L)``)."""
   P = kernel.PagedConfig
   v = {"grid": None, "grid_rows64": dict(group_rows=64), "grid_st2": dict(num_stages=2),
-       "grid_st8": dict(num_stages=8), "grid_p2x": "p2x", "grid_p_half": "p_half"}
+       "grid_st8": dict(num_stages=8), "grid_p2x": "p2x", "grid_p_half": "p_half",
+       "grid_t12": "t12", "grid_t8": "t8"}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)
@@ -81,6 +82,8 @@ def make_problem(B: int, avg: int, n: int, seed: int = 0):
 
 def resolve(cfg, B: int, L: int):
   """A variant's config for this shape (None and PagedConfig pass through)."""
+  if isinstance(cfg, str) and cfg.startswith("t"):  # another CTAs-per-SM target
+    return kernel.default_config(B, L, ctas_per_sm=int(cfg[1:]))
   if isinstance(cfg, (dict, str)):
     base = kernel.default_config(B, L)
     if cfg == "p2x":

@@ -136,16 +136,17 @@ class PagedConfig:
     return self.ctas_per_sm * self.num_sms
 
 
-def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS) -> PagedConfig:
+def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS,
+                   ctas_per_sm: int = 24) -> PagedConfig:
   """Pages per split: the largest power of two in [4, 64] that still gives the grid at least
-  24 CTAs per SM. About 4 CTAs are resident per SM, so that is 6 or more rounds: the
+  ``ctas_per_sm`` (24) CTAs per SM. About 4 CTAs are resident per SM, so that is 6 or more rounds: the
   last round (the tail, where the GPU is partly idle) stays short, and ragged batches
   balance. A CTA's fixed cost (the q/w load, the ring's first latency) is hidden by the other
   resident CTAs. A first guess: tune with ``benchmarks/bench_paged_mqa_logits.py --sweep``
   and compare schedules with ``benchmarks/bench_paged_variants.py``."""
   pages = -(-max_context_len // PAGE)
   per = 4
-  while per < 64 and batch * -(-pages // (2 * per)) >= 24 * num_sms:
+  while per < 64 and batch * -(-pages // (2 * per)) >= ctas_per_sm * num_sms:
     per *= 2
   return PagedConfig(pages_per_split=per)
 
