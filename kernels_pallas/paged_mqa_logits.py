@@ -139,14 +139,22 @@ class PagedConfig:
 def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS,
                    ctas_per_sm: int = 24) -> PagedConfig:
   """Pages per split: the largest power of two in [4, 64] that still gives the grid at least
-  ``ctas_per_sm`` (24) CTAs per SM. About 4 CTAs are resident per SM, so that is 6 or more rounds: the
-  last round (the tail, where the GPU is partly idle) stays short, and ragged batches
-  balance. A CTA's fixed cost (the q/w load, the ring's first latency) is hidden by the other
-  resident CTAs. A first guess: tune with ``benchmarks/bench_paged_mqa_logits.py --sweep``
-  and compare schedules with ``benchmarks/bench_paged_variants.py``."""
+  ``ctas_per_sm`` (24) CTAs per SM, and at least 8 where that leaves half as many. About 4
+  CTAs are resident per SM, so 24 is 6 or more rounds: the last round (the tail, where the
+  GPU is partly idle) stays short, and ragged batches balance. A CTA's fixed cost (the q/w
+  load, the ring's first latency) is hidden by the other resident CTAs, but not at 4 pages
+  a CTA when there are enough CTAs: on the H200 (2026-12-02, same call as DeepGEMM) 64 x 16K
+  took 0.0446 ms at 8 pages a split (20 CTAs per SM) against 0.0477 at 4 (40 per SM), while
+  8 x 32K (8 per SM at 8 pages) and 64 x 64K / 128 x 32K at 32 pages (20 per SM) were
+  2-8% slower than the rule's choice. Compare with ``benchmarks/bench_paged_variants.py``."""
   pages = -(-max_context_len // PAGE)
+
+  def ctas(per):
+    return batch * -(-pages // per)
+
   per = 4
-  while per < 64 and batch * -(-pages // (2 * per)) >= ctas_per_sm * num_sms:
+  while per < 64 and (ctas(2 * per) >= ctas_per_sm * num_sms
+                      or (per < 8 and 2 * ctas(2 * per) >= ctas_per_sm * num_sms)):
     per *= 2
   return PagedConfig(pages_per_split=per)
 
