@@ -60,7 +60,10 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
   P = kernel.PagedConfig
   v = {"grid": None, "grid_rows64": dict(group_rows=64), "grid_st2": dict(num_stages=2),
        "grid_st8": dict(num_stages=8), "grid_p2x": "p2x", "grid_p_half": "p_half",
-       "grid_t12": "t12", "grid_t8": "t8"}
+       "grid_t12": "t12", "grid_t8": "t8", "grid_st3": dict(num_stages=3),
+       "grid_w_smem": dict(hoist_weights=False),
+       "grid_w_smem_st2": dict(hoist_weights=False, num_stages=2),
+       "grid_w_smem_st3": dict(hoist_weights=False, num_stages=3)}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)

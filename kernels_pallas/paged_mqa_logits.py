@@ -107,6 +107,8 @@ class PagedConfig:
       When a request's ``next_n * H`` rows fit one 128-row accumulator but come in several
       groups (64: next_n = 2 at H = 64), all the groups' wgmmas are issued before the
       first epilogue, so that one group's epilogue runs while the next group's MMA does.
+    hoist_weights: keep the head weights in registers for the whole split (``"grid"``), where
+      they fit; False loads them from SMEM for every page (fewer registers a thread).
   """
 
   pages_per_split: int = 16
@@ -115,6 +117,7 @@ class PagedConfig:
   ctas_per_sm: int = 2
   num_sms: int = _NUM_SMS
   group_rows: int = 128
+  hoist_weights: bool = True
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
@@ -379,7 +382,7 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
 
     plgpu.barrier_wait(q_bar)
     # The weights stay in registers for the whole split where they fit.
-    w = _hoisted_weights(w_smem, n, H, config.group_rows)
+    w = _hoisted_weights(w_smem, n, H, config.group_rows) if config.hoist_weights else None
 
     @pl.loop(0, n_comp)
     def _(i):

@@ -133,11 +133,13 @@ def _variants():
   P = kernel.PagedConfig
   return {"grid": None,
           "grid_p2_s2": P(pages_per_split=2, num_stages=2),
+          "grid_w_smem": P(pages_per_split=3, num_stages=3, hoist_weights=False),
           "pers_3ctas_s2": P(schedule="persistent", ctas_per_sm=1, num_sms=3, num_stages=2),
           "pers_16ctas_s4": P(schedule="persistent", ctas_per_sm=2, num_sms=8, num_stages=4)}
 
 
-@pytest.mark.parametrize("variant", ["grid", "grid_p2_s2", "pers_3ctas_s2", "pers_16ctas_s4"])
+@pytest.mark.parametrize("variant", ["grid", "grid_p2_s2", "grid_w_smem", "pers_3ctas_s2",
+                                     "pers_16ctas_s4"])
 @pytest.mark.parametrize("next_n", [1, 2, 3, 4])
 def test_kernel_variants_match_float64(variant, next_n):
   """Every variant at next_n 1..4 in one launch (3 and 4: two wgmma groups over one page load
