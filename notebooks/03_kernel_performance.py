@@ -14,11 +14,12 @@
 # ---
 
 # %% [markdown]
-# # 03 · Kernel performance on the H100
+# # 03 · Kernel performance on the H100 and the H200
 #
 # The benchmark scripts in `benchmarks/` time the Pallas kernels against the `xla` backend on a
 # GPU and write `benchmarks/results/<name>.json`. This notebook plots the committed results
-# (they were measured on an H100; nothing here needs a GPU) and, when a GPU is present, re-runs
+# (measured on an H100 and, since 2026-12-02, an H200 beside the CUDA peers; nothing here
+# needs a GPU) and, when a GPU is present, re-runs
 # a small benchmark live.
 #
 # How to read the numbers:
@@ -313,6 +314,66 @@ if not missing("paged_mqa_logits", "bench_paged_mqa_logits.py"):
                       "calc_diff"])
 
 # %% [markdown]
+# ### Both logits kernels beside DeepGEMM (same device call)
+#
+# `.anchors/run.sh` times DeepGEMM's `fp8_mqa_logits` and `fp8_paged_mqa_logits` in the same
+# device call as `bench_mqa_variants.py` / `bench_paged_variants.py`, all by kernel time from the
+# profiler with L2 flushed. Left: prefill logits (causal, D = 128), our default schedule and our
+# best variant, as a fraction of DeepGEMM's speed. Right: paged decode logits, the cache GB/s of
+# our default kernel and of DeepGEMM (132 bytes per cached token; each side's own random
+# contexts). Above 1.0 (left) or the peer's bar (right) is faster than DeepGEMM.
+
+# %%
+mv, pv, pa = (results.get(k) for k in ("mqa_variants_h200", "paged_variants", "anchors_paged_h200"))
+if not (mv or (pv and pa)):
+  print("No same-call logits results (bench_mqa_variants.py / bench_paged_variants.py with "
+        ".anchors/run.sh write them on a GPU).")
+else:
+  fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+  if mv:
+    shapes = list(dict.fromkeys((r["T"], r["S"], r["H"]) for r in mv["rows"]
+                                if r.get("deepgemm_ms")))
+    default, best = [], []
+    for sh in shapes:
+      rs = [r for r in mv["rows"] if (r["T"], r["S"], r["H"]) == sh and r.get("ms")]
+      default.append(next(r["deepgemm_ms"] / r["ms"] for r in rs if r["variant"] == "default"))
+      best.append(max(r["deepgemm_ms"] / r["ms"] for r in rs))
+    x = np.arange(len(shapes))
+    axes[0].bar(x - 0.2, default, 0.4, color="tab:blue", label="nsa_jax default")
+    axes[0].bar(x + 0.2, best, 0.4, color="tab:cyan", label="nsa_jax best variant")
+    axes[0].axhline(1.0, color="k", ls="--", lw=1, label="DeepGEMM")
+    axes[0].set_xticks(x, [f"{t}x{s_} H{h}" for t, s_, h in shapes], rotation=20)
+    axes[0].set_ylabel("DeepGEMM time / ours (higher is faster)")
+    axes[0].set_ylim(0, 1.2)
+    axes[0].set_title(f"prefill logits, {mv.get('card')}, {str(mv.get('date'))[:10]}")
+    axes[0].legend(fontsize=8, loc="lower right")
+  else:
+    axes[0].set_axis_off()
+  if pv and pa:
+    dg = {(r["B"], r["ctx"], r.get("next_n", 1)): r["cache_gbs"] for r in pa.get("paged", [])
+          if r.get("cache_gbs")}
+    rows = [r for r in pv["rows"] if r.get("variant") == "grid" and "call" not in r
+            and r.get("GB/s")]
+    x = np.arange(len(rows))
+    peer = [dg.get((r["B"], r["ctx"], r["next_n"]), np.nan) for r in rows]
+    axes[1].bar(x - 0.2, [r["GB/s"] for r in rows], 0.4, color="tab:blue", label="nsa_jax")
+    axes[1].bar(x + 0.2, peer, 0.4, color="tab:orange", label="DeepGEMM")
+    for i, (r, p_) in enumerate(zip(rows, peer)):
+      if np.isfinite(p_):
+        axes[1].annotate(f"{r['GB/s'] / p_:.2f}x", (i - 0.2, r["GB/s"]), ha="center",
+                         va="bottom", fontsize=8)
+    axes[1].axhline(COPY_CEILING_GBS, color="gray", ls=":", lw=1,
+                    label=f"copy ceiling ({COPY_CEILING_GBS:.0f} GB/s)")
+    axes[1].set_xticks(x, [r["shape"] for r in rows], rotation=20)
+    axes[1].set_ylabel("GB/s of K cache read (kernel time)")
+    axes[1].set_title(f"paged decode logits, {pv.get('card')}, {str(pv.get('date'))[:10]}")
+    axes[1].legend(fontsize=8, loc="lower right")
+  else:
+    axes[1].set_axis_off()
+  fig.tight_layout()
+  plt.show()
+
+# %% [markdown]
 # ## Budgeted prefill: `prefill_topk`
 #
 # One 65536-token prompt: 16 GiB of logits if materialized. Under the budget (notebook 02) the
@@ -356,7 +417,8 @@ if not missing("prefill_topk", "bench_prefill_topk.py"):
 
 # %%
 known = {"mqa_logits", "mqa_logits_variants", "topk", "paged_mqa_logits", "prefill_topk",
-         "topk_variants", "topk_peers_h200"}
+         "topk_variants", "topk_peers_h200", "mqa_variants_h200", "paged_variants",
+         "anchors_paged_h200"}
 others = {k: v for k, v in results.items() if k not in known}
 if not others:
   print("No other result files yet (e.g. indexer.json will be shown here once a benchmark "
