@@ -63,7 +63,9 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
        "grid_t12": "t12", "grid_t8": "t8", "grid_st3": dict(num_stages=3),
        "grid_w_smem": dict(hoist_weights=False),
        "grid_w_smem_st2": dict(hoist_weights=False, num_stages=2),
-       "grid_w_smem_st3": dict(hoist_weights=False, num_stages=3)}
+       "grid_w_smem_st3": dict(hoist_weights=False, num_stages=3),
+       "grid_direct": dict(direct_store=True),
+       "grid_direct_st3": dict(direct_store=True, num_stages=3)}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)

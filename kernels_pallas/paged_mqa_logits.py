@@ -109,6 +109,11 @@ class PagedConfig:
       first epilogue, so that one group's epilogue runs while the next group's MMA does.
     hoist_weights: keep the head weights in registers for the whole split (``"grid"``), where
       they fit; False loads them from SMEM for every page (fewer registers a thread).
+    direct_store: ``"grid"`` only: store each page's logits from registers straight to
+      global memory (no SMEM tile, TMA store or store wait), refill the ring slot as soon as
+      the page's wgmmas have completed (before the epilogue), and compile without Pallas'
+      automatic warpgroup barriers (``unsafe_no_auto_barriers``): one explicit barrier a
+      page (before the refill) instead of about eight. DeepGEMM's kernels store this way.
   """
 
   pages_per_split: int = 16
@@ -118,6 +123,7 @@ class PagedConfig:
   num_sms: int = _NUM_SMS
   group_rows: int = 128
   hoist_weights: bool = True
+  direct_store: bool = False
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
@@ -130,6 +136,8 @@ class PagedConfig:
                        f"{self.schedule!r}")
     if self.ctas_per_sm < 1 or self.num_sms < 1:
       raise ValueError(f"PagedConfig: need ctas_per_sm, num_sms >= 1, got {self}")
+    if self.direct_store and self.schedule != "grid":
+      raise ValueError(f"PagedConfig: direct_store needs schedule='grid', got {self}")
     if self.group_rows not in (64, 128):
       raise ValueError(f"PagedConfig: group_rows must be 64 or 128, got {self.group_rows}")
 
@@ -283,7 +291,7 @@ def _hoisted_weights(w_smem, n, H, rows):
 
 
 def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w_hoisted,
-               rows=128):
+               rows=128, after_mma=None):
   """One page: logits of its 64 tokens for the n queries into ``o_ref`` [n, 64] (SMEM).
 
   One fp8 wgmma per query group (:func:`query_groups`): M = 64 (the page's tokens),
@@ -291,7 +299,9 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
   times the head weight (a per column vector), a sum over each query's H columns (a row
   reduction within a warp), times the token's scale and the validity mask. With several
   groups that fit one accumulator's registers together (:func:`_overlapped`), every
-  group's wgmma is issued first and group i's epilogue runs while group i + 1's MMA does."""
+  group's wgmma is issued first and group i's epilogue runs while group i + 1's MMA does.
+  ``after_mma()`` (optional) runs once the last wgmma of the page has completed, before
+  that group's epilogue: the page's SMEM slot is no longer read after it."""
   ksc = plgpu.load(ks_ref, layout=plgpu.Layout.WGMMA.reduce(1))
   groups = query_groups(n, H, rows)
 
@@ -323,7 +333,10 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
       for (t0, g), acc in zip(groups, accs):
         plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
       for gi, ((t0, g), acc) in enumerate(zip(groups, accs)):
-        epilogue(plgpu.wgmma_accumulator_load(acc, wait_n=len(groups) - 1 - gi), gi, t0, g)
+        s = plgpu.wgmma_accumulator_load(acc, wait_n=len(groups) - 1 - gi)
+        if after_mma is not None and gi == len(groups) - 1:
+          after_mma()
+        epilogue(s, gi, t0, g)
 
     pl.run_scoped(mma_all, *[plgpu.ACC((PAGE, g * H), _F32) for _, g in groups])
     return
@@ -332,7 +345,10 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
       plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
       return acc[...]
 
-    epilogue(pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32)), gi, t0, g)
+    s = pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32))
+    if after_mma is not None and gi == len(groups) - 1:
+      after_mma()
+    epilogue(s, gi, t0, g)
 
 
 def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
@@ -392,6 +408,21 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       _, ok = page_id(j)
       next_pid, _ = page_id(jnp.minimum(j + NS, last))
       plgpu.barrier_wait(kv_bar.at[slot])
+      if config.direct_store:
+        def refill():
+          # Every thread's read of the slot's scales (and its wgmmas) is done before one
+          # thread's TMA overwrites the slot: without auto barriers this is the page's only
+          # warpgroup barrier.
+          plgpu.commit_smem()
+
+          @pl.when(i + NS < n_comp)
+          def _():
+            issue(next_pid, slot)
+
+        _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, rows(j),
+                   n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w,
+                   rows=config.group_rows, after_mma=refill)
+        return
       oslot = lax.rem(i, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)                  # o_smem[oslot] is free
       _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, o_smem.at[oslot],
@@ -605,7 +636,8 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
       grid=grid,
       grid_names=names,
       scratch_types=scratch,
-      compiler_params=plgpu.CompilerParams(),
+      # direct_store: the kernel places its own barriers (PagedConfig.direct_store).
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=cfg.direct_store),
       interpret=(interpret if isinstance(interpret, plgpu.InterpretGPUParams)
                  else plgpu.InterpretGPUParams() if interpret else None),
   )

@@ -179,6 +179,32 @@ def test_kernel_group_rows_64(next_n, H, schedule):
   assert calc_diff(out, ref) < 5e-6
 
 
+@pytest.mark.parametrize("next_n,H,clean", [(1, 64, True), (2, 64, True), (4, 64, True),
+                                             (2, 64, False), (3, 32, True), (1, 128, True)])
+def test_kernel_direct_store(next_n, H, clean):
+  """direct_store: logits from registers straight to GMEM, the slot refilled right after the
+  page's wgmmas, no automatic barriers. Races checked, NaN-poisoned outputs (every element
+  written when clean), exact -inf pattern and values against float64; ragged contexts with
+  an empty one, lengths shorter than next_n, a width that is not whole pages."""
+  from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+  from kernels_pallas import paged_mqa_logits as kernel
+  rng = np.random.default_rng(60 + next_n + H)
+  p = paged_problem(rng, [1, 64, 0, 150, 333, 2], next_n=next_n, H=H, max_context_len=340)
+  cfg = kernel.PagedConfig(pages_per_split=2, num_stages=2, direct_store=True)
+  out = np.asarray(_kernel(p, cfg, clean_logits=clean, races=True))
+  assert not get_races().races_found
+  ref = paged_mqa_logits_np(p)
+  if clean:
+    assert not np.isnan(out).any(), "unwritten output elements"
+    assert_same_inf_pattern(out, ref)
+    assert calc_diff(out, ref) < 5e-6
+  else:
+    valid = ~np.isneginf(ref)
+    assert calc_diff(np.where(valid, out, 0.0), np.where(valid, ref, 0.0)) < 5e-6
+  with pytest.raises(ValueError, match="direct_store needs schedule='grid'"):
+    kernel.PagedConfig(schedule="persistent", direct_store=True)
+
+
 @pytest.mark.parametrize("variant", ["grid_p2_s2", "pers_3ctas_s2"])
 def test_kernel_wide_queries(variant):
   """next_n = 4 at H = 128: 512 query rows, copied in two TMA boxes of 256 rows, and four
@@ -346,7 +372,10 @@ _PERSISTENT = dict(schedule="persistent", ctas_per_sm=2, num_stages=4)
     (64, 4, 64, 32768, True, dict(_PERSISTENT, ctas_per_sm=1, num_stages=8)),
     (1, 3, 16, 4099, True, dict(_PERSISTENT, num_stages=16)),
     (64, 2, 64, 32768, True, dict(group_rows=64)), (8, 3, 32, 4099, False, dict(group_rows=64)),
-    (64, 2, 64, 32768, True, dict(_PERSISTENT, group_rows=64))])
+    (64, 2, 64, 32768, True, dict(_PERSISTENT, group_rows=64)),
+    (64, 1, 64, 32768, True, dict(direct_store=True)),
+    (64, 2, 64, 32768, True, dict(direct_store=True)),
+    (8, 4, 64, 4099, False, dict(direct_store=True))])
 def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits, cfg):
   """The production shapes (B=64, H=64, D=128, 64K context) and odd ones go through the whole
   Mosaic GPU lowering (layout inference, fp8 wgmma operand checks, TMA descriptors) on a
