@@ -69,6 +69,13 @@ class MqaLogitsConfig:
       wait for the TMA store of the consumer's previous tile to leave SMEM.
     fill_tiles: key tiles per TMA store of the ``-inf`` fill (fewer, larger stores); the
       store box is at most 256 keys wide.
+    direct_store: consumers store each tile's logits from registers straight to global
+      memory (no SMEM tile, TMA store or store wait), release the key slot as soon as the
+      tile's wgmmas have completed (before the epilogue), and the kernel compiles without
+      Pallas' automatic warpgroup barriers (``unsafe_no_auto_barriers``): one explicit
+      barrier a tile instead of about six. DeepGEMM's kernel stores this way. The output is
+      then allocated in whole query blocks and key tiles and sliced when T or S is not a
+      multiple of them (``out_buffers`` is unused).
   """
 
   block_q: int
@@ -81,6 +88,7 @@ class MqaLogitsConfig:
   split_n: bool = False
   out_buffers: int = 1
   fill_tiles: int = 1
+  direct_store: bool = False
 
   @classmethod
   def for_heads(cls, num_heads: int) -> "MqaLogitsConfig":
@@ -144,6 +152,9 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
   - nc3_split / nc4_split: DeepGEMM's shape of the work: 3 or 4 math warpgroups on every
     key tile (192 or 256 keys), 64 keys each; nc4_split_n adds split_n.
   - nc4_alt: 4 math warpgroups taking 64-key tiles in turn (8-stage ring).
+  - direct / nc4_split_direct: the default and nc4_split with ``direct_store`` (logits from
+    registers to GMEM, the slot released right after the wgmmas, no automatic barriers):
+    nc4_split_direct is DeepGEMM's layout of the work and of the stores.
   """
   base = MqaLogitsConfig.for_heads(num_heads)
   r = dataclasses.replace
@@ -157,6 +168,9 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
       "nc4_split_n": r(base, block_kv=256, num_consumers=4, kv_split=True, split_n=True,
                        out_buffers=2),
       "nc4_alt": r(base, block_kv=64, num_consumers=4, num_stages=8, out_buffers=2),
+      "direct": r(base, direct_store=True),
+      "nc4_split_direct": r(base, block_kv=256, num_consumers=4, kv_split=True,
+                            direct_store=True),
   }
 
 
@@ -207,6 +221,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   G = num_ctas
   # Consecutive tiles of one consumer: all tiles with kv_split, every NC-th otherwise.
   STEP = 1 if cfg.kv_split else NC
+  DIRECT = cfg.direct_store
   prod_regs, cons_regs = _REGISTERS[NC]
   assert prod_regs + NC * cons_regs <= (65536 // ((NC + 1) * 128)) // 8 * 8 * (NC + 1)
   f32 = jnp.float32
@@ -320,6 +335,11 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
       plgpu.set_max_registers(cons_regs, action="increase")
       part = wg if cfg.kv_split else 0     # the row slice of each tile this consumer takes
 
+      def load_scales(slot):
+        if cfg.kv_split:
+          return plgpu.load(ksc_smem.at[slot, pl.ds(part * SUB, SUB)], layout=row_layout)
+        return plgpu.load(ksc_smem.at[slot], layout=row_layout)
+
       def per_block(m, g):
         qb, t0, buf, lo, n = block_of(m)
         kss = [ks_ref[t0 + j] for j in range(BQ)]
@@ -332,6 +352,9 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
           slot = lax.rem(g + i, NS)
           s0 = (lo + i) * BKV + part * SUB     # first key of this consumer's rows
           plgpu.barrier_wait(kv_bar.at[slot])
+          if DIRECT:
+            # Read before the slot is released right after the wgmmas below.
+            ksc = load_scales(slot)
 
           def mma(*accs):
             for p in range(NQP):
@@ -340,6 +363,14 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
             for p in range(NQP):
               # The first half's epilogue runs while the second half's MMA is in flight.
               s = plgpu.wgmma_accumulator_load(accs[p], wait_n=NQP - 1 - p)
+              if DIRECT and p == NQP - 1:
+                # The slot is no longer read (its scales are in registers): every thread
+                # is past its reads at this barrier, then one arrive frees the slot.
+                plgpu.commit_smem()
+
+                @pl.when(g + i + NS < my_tiles)
+                def _():
+                  plgpu.barrier_arrive(free_bar.at[slot])
               s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(ws[p], (SUB, NQH), [1])
               for j, c0, c1 in half_cols[p]:
                 r = s[:, c0:c1].sum(axis=1)
@@ -347,11 +378,14 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
             return sums
 
           sums = pl.run_scoped(mma, *[plgpu.ACC((SUB, NQH), f32)] * NQP)
-          if cfg.kv_split:
-            ksc = plgpu.load(ksc_smem.at[slot, pl.ds(part * SUB, SUB)], layout=row_layout)
-          else:
-            ksc = plgpu.load(ksc_smem.at[slot], layout=row_layout)
+          if not DIRECT:
+            ksc = load_scales(slot)
           pos = s0 + plgpu.broadcasted_iota(jnp.int32, (SUB,), 0, layout=row_layout)
+          if DIRECT:
+            dst = out_ref.at[pl.ds(t0, BQ), pl.ds(s0, SUB)]
+            for j in range(BQ):
+              dst[j, :] = jnp.where((pos >= kss[j]) & (pos < kes[j]), sums[j] * ksc, -jnp.inf)
+            return
           ob = lax.rem((g + i) // STEP, OB) if OB > 1 else 0
           out_buf = o_smem.at[wg, ob]
           # This buffer's previous TMA store has left SMEM (older stores may be in flight).
@@ -420,13 +454,15 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   ]
   return plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((T, S_out), f32),  # rows past T: stores dropped
+      # Rows past T: TMA stores are dropped; direct stores need the rows (T_pad).
+      out_type=jax.ShapeDtypeStruct((T_pad if DIRECT else T, S_out), f32),
       grid=(G,),
       grid_names=("cta",),
       num_threads=NC + 1,
       thread_name="wg",
       scratch_types=scratch,
-      compiler_params=plgpu.CompilerParams(),
+      # direct_store: the kernel places its own barriers (MqaLogitsConfig.direct_store).
+      compiler_params=plgpu.CompilerParams(unsafe_no_auto_barriers=DIRECT),
       interpret=interpret,
   )
 
@@ -483,9 +519,9 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   # sliced (one extra copy, only for such S). One-row tiles (block_q = 1, i.e. H = 128) pad
   # to whole key tiles: on the H100 a one-row TMA store was seen not to be clipped at the
   # row end (paged kernel), so no tile may cross it.
-  S_out = pl.cdiv(S, 4) * 4 if BQ > 1 else pl.cdiv(S, BKV) * BKV
+  S_out = pl.cdiv(S, 4) * 4 if BQ > 1 and not cfg.direct_store else pl.cdiv(S, BKV) * BKV
   call = _build(T, T_pad, S, k_fp8.shape[0], S_out, H, D, cfg, clean_logits, G,
                 interpret or None)
   out = call(q_fp8.reshape(T * H, D), k_fp8, k_scale, weights.reshape(T * H), ks, ke, lo, hi,
              total)
-  return out[:, :S] if S_out != S else out
+  return out[:T, :S] if out.shape != (T, S) else out
