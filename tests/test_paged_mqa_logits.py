@@ -1,6 +1,8 @@
 """Paged-decode MQA logits: reference, xla backend and the Pallas kernel (interpret mode, CUDA
 cross-lowering, and ``-m gpu`` cases) against a float64 numpy oracle or the reference."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -475,6 +477,27 @@ def test_gpu_other_head_counts(H, next_n):
   rng = np.random.default_rng(H + next_n)
   p = _device_problem(jax.random.key(H * next_n), _spread_lens(rng, 16, 9000), next_n, H=H)
   _check_device_problem(p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("next_n", [1, 2, 4])
+def test_gpu_direct_store(next_n):
+  """PagedConfig(direct_store=True) (no automatic barriers) on the GPU: exact -inf pattern and
+  values against the float32 reference, NaN-poisoned output, deterministic."""
+  from kernels_pallas import paged_mqa_logits as kernel
+  rng = np.random.default_rng(70 + next_n)
+  p = _device_problem(jax.random.key(70 + next_n), _spread_lens(rng, 64, 12000), next_n)
+  L = p["max_context_len"]
+  cfg = dataclasses.replace(kernel.default_config(64, L), direct_store=True)
+  f = jax.jit(lambda *a: kernel.paged_mqa_logits(*a, max_context_len=L, config=cfg))
+  args = (p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale, p["weights"], p["context_lens"],
+          p["block_tables"])
+  out = np.asarray(f(*args))
+  ref = np.asarray(jax.jit(lambda *a: reference.paged_mqa_logits(*a, max_context_len=L))(*args))
+  assert not np.isnan(out).any()
+  assert_same_inf_pattern(out, ref)
+  assert calc_diff(out, ref) < 5e-6
+  np.testing.assert_array_equal(np.asarray(f(*args)).view(np.uint32), out.view(np.uint32))
 
 
 @pytest.mark.gpu
