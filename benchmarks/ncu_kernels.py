@@ -9,9 +9,11 @@ clocks alone as device METHOD.md asks):
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \\
       python3 benchmarks/ncu_kernels.py paged:64x32Kx2 mqa:8192x32768 > $OUT/ncu.txt
 
-Cases: ``paged:BxCTX[xNEXT_N]`` (H = 64, every request at CTX tokens, shuffled pages, the
-default config) and ``mqa:TxS[xH]`` (causal: the last T of S tokens are the queries, the
-default config). Inputs are made with numpy and copied to the device, so the only kernels
+Cases: ``paged:BxCTX[xNEXT_N]`` (H = 64, every request at CTX tokens, shuffled pages) and
+``mqa:TxS[xH]`` (causal: the last T of S tokens are the queries), each with the default
+config, or with fields of it replaced after a third colon: ``paged:64x32Kx2:direct_store=1``,
+``mqa:8192x32768:num_consumers=4,block_kv=256,kv_split=1``. For the SASS of the same kernels
+(count ``BAR.SYNC`` in the loops), run without ncu under ``MOSAIC_GPU_DUMP_SASS=1``. Inputs are made with numpy and copied to the device, so the only kernels
 the process launches are the Mosaic GPU ones (named ``*_mosaic_gpu_kernel``) and whatever
 small XLA ops an entry runs around them (``mqa_logits`` computes its key-tile spans with a few
 fusions; the regex above skips those). Each case runs twice: the first call compiles, the
@@ -23,6 +25,7 @@ form: the profiles there came from an equivalent scratch script of the same sess
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -48,35 +51,52 @@ def _dims(spec: str) -> list[int]:
   return [int(p[:-1]) * 1024 if p.upper().endswith("K") else int(p) for p in spec.split("x")]
 
 
-def paged(rng, B: int, L: int, n: int = 1, H: int = 64):
+def _config(base, overrides: str):
+  """``base`` with the ``name=int`` fields of ``overrides`` (comma separated) replaced."""
+  if not overrides:
+    return None
+  fields = {}
+  for item in overrides.split(","):
+    name, _, value = item.partition("=")
+    fields[name] = int(value) if name not in ("direct_store", "kv_split", "split_n",
+                                              "heavy_first", "hoist_weights") else bool(int(value))
+  return dataclasses.replace(base, **fields)
+
+
+def paged(rng, B: int, L: int, n: int = 1, H: int = 64, overrides: str = ""):
   P = B * -(-L // 64)
   tables = rng.permutation(P).astype(np.int32).reshape(B, -1)
   args = [jax.device_put(a) for a in (
       _fp8(rng, (B, n, H, D)), _fp8(rng, (P, 64, D)), np.full((P, 64), 1 / 64, np.float32),
       rng.standard_normal((B * n, H)).astype(np.float32), np.full((B,), L, np.int32), tables)]
-  f = jax.jit(lambda *a: paged_kernel.paged_mqa_logits(*a, max_context_len=L))
+  cfg = _config(paged_kernel.default_config(B, L), overrides)
+  f = jax.jit(lambda *a: paged_kernel.paged_mqa_logits(*a, max_context_len=L, config=cfg))
   return f, args
 
 
-def mqa(rng, T: int, S: int, H: int = 64):
+def mqa(rng, T: int, S: int, H: int = 64, overrides: str = ""):
   ke = (S - T + np.arange(T) + 1).astype(np.int32)
   args = [jax.device_put(a) for a in (
       _fp8(rng, (T, H, D)), _fp8(rng, (S, D)), np.full((S,), 1 / 64, np.float32),
       rng.standard_normal((T, H)).astype(np.float32), np.zeros(T, np.int32), ke)]
-  return jax.jit(mqa_kernel.mqa_logits), args
+  cfg = _config(mqa_kernel.MqaLogitsConfig.for_heads(H), overrides)
+  return jax.jit(lambda *a: mqa_kernel.mqa_logits(*a, config=cfg)), args
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("cases", nargs="+", help="paged:BxCTX[xNEXT_N] or mqa:TxS[xH]")
+  ap.add_argument("cases", nargs="+",
+                  help="paged:BxCTX[xNEXT_N][:field=v,...] or mqa:TxS[xH][:field=v,...]")
   args = ap.parse_args(argv)
   rng = np.random.default_rng(0)
   for case in args.cases:
-    kind, _, spec = case.partition(":")
+    kind, _, rest = case.partition(":")
+    spec, _, overrides = rest.partition(":")
     if kind not in ("paged", "mqa") or not spec:
-      ap.error(f"a case is paged:BxCTX[xNEXT_N] or mqa:TxS[xH], got {case!r}")
-    f, a = (paged if kind == "paged" else mqa)(rng, *_dims(spec))
+      ap.error(f"a case is paged:BxCTX[xNEXT_N][:field=v,...] or mqa:TxS[xH][:field=v,...], "
+               f"got {case!r}")
+    f, a = (paged if kind == "paged" else mqa)(rng, *_dims(spec), overrides=overrides)
     for _ in range(2):
       jax.block_until_ready(f(*a))
     print(f"{case}: ran twice", flush=True)
