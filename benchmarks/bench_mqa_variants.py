@@ -61,16 +61,9 @@ def parse_shapes(spec: str):
 
 def load_peers(path: str | None) -> dict:
   """{(T, S, H): DeepGEMM prefill record} from the anchors' JSON; {} when absent."""
-  if not path or not os.path.exists(path):
-    return {}
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    print(f"bench_mqa_variants: cannot read peers {path}: {e}")
-    return {}
-  return {(r["T"], r["S"], r.get("H", 64)): r for r in data.get("prefill", [])
-          if not r.get("error") and r.get("T") and r.get("S")}
+  return {(r["T"], r["S"], r.get("H", 64)): r
+          for r in common.anchor_rows(path, "prefill", "bench_mqa_variants")
+          if r.get("T") and r.get("S")}
 
 
 def _calc_diff(x, y) -> float:

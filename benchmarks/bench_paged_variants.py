@@ -141,16 +141,9 @@ def compare(out, ref, what: str) -> float:
 
 def peers_table(path: str | None) -> dict:
   """(B, ctx, next_n) -> DeepGEMM's paged row from the anchors' JSON."""
-  if not path:
-    return {}
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    print(f"bench_paged_variants: no peers ({type(e).__name__}: {e})")
-    return {}
-  return {(r["B"], r["ctx"], r.get("next_n", 1)): r for r in data.get("paged", [])
-          if not r.get("error") and r.get("cache_gbs")}
+  return {(r["B"], r["ctx"], r.get("next_n", 1)): r
+          for r in common.anchor_rows(path, "paged", "bench_paged_variants")
+          if r.get("cache_gbs")}
 
 
 def fits(cfg, n: int) -> str | None:

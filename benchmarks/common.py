@@ -78,6 +78,21 @@ def kernel_ms_per_call(fn, args, *, calls: int = 10, flush_mb: int = 256) -> flo
   return total_us / calls / 1e3
 
 
+def anchor_rows(path: str | None, part: str, who: str) -> list[dict]:
+  """The rows of ``part`` ("prefill", "paged", ...) in the peers' results (the anchors.json
+  that ``.anchors/run.sh --out`` writes in the same device call), error rows left out; []
+  when no path is given, or (with one line naming ``who``) when the file cannot be read."""
+  if not path:
+    return []
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    print(f"{who}: no peers from {path} ({type(e).__name__}: {e})")
+    return []
+  return [r for r in data.get(part, []) if not r.get("error")]
+
+
 def measure_fp8_ceiling(n: int = 8192) -> float:
   """TFLOP/s of an n^3 fp8 e4m3 matmul with f32 accumulation through XLA, on this card."""
   key = jax.random.key(0)

@@ -208,6 +208,11 @@ def _fill_rows(n: int) -> int:
   return 2 if n <= 2 else 4
 
 
+def _context_pages(ctx, out_pages: int):
+  """Pages holding at least one of ``ctx`` context tokens, at most ``out_pages``."""
+  return jnp.minimum((jnp.maximum(ctx, 0) + PAGE - 1) // PAGE, out_pages)
+
+
 def paged_plan(context_lens, max_context_len: int, num_ctas: int):
   """The persistent schedule's work split, from the context lengths (a few small XLA ops).
 
@@ -232,7 +237,7 @@ def paged_plan(context_lens, max_context_len: int, num_ctas: int):
   """
   ctx = context_lens.astype(jnp.int32)
   out_pages = -(-max_context_len // PAGE)
-  pages = jnp.minimum((jnp.maximum(ctx, 0) + PAGE - 1) // PAGE, out_pages)
+  pages = _context_pages(ctx, out_pages)
   # Non-empty requests first, in batch order (a scatter, not a sort: a few fused XLA ops).
   full = pages > 0
   pos = jnp.where(full, jnp.cumsum(full) - 1, jnp.sum(full) + jnp.cumsum(~full) - 1)
@@ -267,6 +272,20 @@ def _copy_queries(q_src, w_src, q_dst, w_dst, bar, n, H):
   for r0, rows in _q_chunks(n, H):
     plgpu.copy_gmem_to_smem(q_src.at[pl.ds(r0, rows)], q_dst.at[pl.ds(r0, rows)], bar)
     plgpu.copy_gmem_to_smem(w_src.at[pl.ds(r0, rows)], w_dst.at[pl.ds(r0, rows)], bar)
+
+
+def _page_id(bt_gmem, b, j, *, max_pages: int, num_pages: int):
+  """(id clamped into the cache, whether the table names a real page) of request b's page
+  column j."""
+  raw = bt_gmem[b, jnp.minimum(j, max_pages - 1)]
+  ok = (j < max_pages) & (raw >= 0) & (raw < num_pages)
+  return jnp.clip(raw, 0, num_pages - 1), ok
+
+
+def _issue_page(k_gmem, ks_gmem, k_smem, ks_smem, kv_bar, pid, slot):
+  """TMA of cache page ``pid`` (keys and scales) into ring slot ``slot``: 2 arrivals."""
+  plgpu.copy_gmem_to_smem(k_gmem.at[pid], k_smem.at[slot], kv_bar.at[slot])
+  plgpu.copy_gmem_to_smem(ks_gmem.at[pid], ks_smem.at[slot], kv_bar.at[slot])
 
 
 def _overlapped(n: int, H: int, rows: int) -> bool:
@@ -359,7 +378,7 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
   j0 = lax.axis_index("s") * PS
   j1 = jnp.minimum(j0 + PS, out_pages)
   ctx = cl_gmem[b]
-  ctx_pages = jnp.minimum((jnp.maximum(ctx, 0) + PAGE - 1) // PAGE, out_pages)
+  ctx_pages = _context_pages(ctx, out_pages)
   n_comp = jnp.clip(ctx_pages - j0, 0, j1 - j0)  # pages holding at least one context token
 
   def rows(j):
@@ -375,14 +394,10 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, n)], rows(j))
 
   def page_id(j):
-    """(id clamped into the cache, whether the table names a real page) of page column j."""
-    raw = bt_gmem[b, jnp.minimum(j, max_pages - 1)]
-    ok = (j < max_pages) & (raw >= 0) & (raw < num_pages)
-    return jnp.clip(raw, 0, num_pages - 1), ok
+    return _page_id(bt_gmem, b, j, max_pages=max_pages, num_pages=num_pages)
 
   def issue(pid, slot):
-    plgpu.copy_gmem_to_smem(k_gmem.at[pid], k_smem.at[slot], kv_bar.at[slot])
-    plgpu.copy_gmem_to_smem(ks_gmem.at[pid], ks_smem.at[slot], kv_bar.at[slot])
+    _issue_page(k_gmem, ks_gmem, k_smem, ks_smem, kv_bar, pid, slot)
 
   @pl.when(n_comp > 0)
   def _compute():
@@ -470,7 +485,7 @@ def _persistent_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, req_gm
     @pl.loop(0, jnp.maximum(B - c + G - 1, 0) // G)
     def _(k):
       b = c + k * G
-      pages_b = jnp.minimum((jnp.maximum(cl_gmem[b], 0) + PAGE - 1) // PAGE, out_pages)
+      pages_b = _context_pages(cl_gmem[b], out_pages)
 
       @pl.loop(pages_b, out_pages)
       def _(j):
@@ -490,15 +505,11 @@ def _persistent_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, req_gm
             jnp.where(wrap, npg, pages), jnp.where(wrap, nctx, ctx))
 
   def page_id(b, j):
-    raw = bt_gmem[b, jnp.minimum(j, max_pages - 1)]
-    ok = (j < max_pages) & (raw >= 0) & (raw < num_pages)
-    return jnp.clip(raw, 0, num_pages - 1), ok
+    return _page_id(bt_gmem, b, j, max_pages=max_pages, num_pages=num_pages)
 
   def issue(cur, slot):
     _, j, b, _, _ = cur
-    pid, _ = page_id(b, j)
-    plgpu.copy_gmem_to_smem(k_gmem.at[pid], k_smem.at[slot], kv_bar.at[slot])
-    plgpu.copy_gmem_to_smem(ks_gmem.at[pid], ks_smem.at[slot], kv_bar.at[slot])
+    _issue_page(k_gmem, ks_gmem, k_smem, ks_smem, kv_bar, page_id(b, j)[0], slot)
 
   def issue_q(r, qslot):
     b, _, _ = request(r)

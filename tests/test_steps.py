@@ -67,20 +67,27 @@ def test_equal_layers_share_programs(model):
   assert steps[0].decode_fn() is steps[2].decode_fn()
 
 
+def _steady_args(tables, P, seed):
+  """A 3-request prefill (x, qr, inputs) and a decode step over the same requests (x, qr,
+  inputs; 4 rows: B_pad = 4), all on the device."""
+  rng = np.random.default_rng(seed)
+  b = nsa_jax.build_ragged_batch([30, 20, 10], [0, 0, 0])
+  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
+  x, qr = bf16(rng, b.T_pad, CFG.dim), bf16(rng, b.T_pad, CFG.q_lora_rank)
+  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
+  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
+  return x, qr, inp, xd, qd, d
+
+
 def test_steady_call_merges_nothing_queries_nothing_transfers_nothing(model, memory_queries,
                                                                        monkeypatch):
   """A call in an already compiled bucket: no nnx.merge (no trace), no memory query, no
   compile, no implicit host<->device transfer; the cache is donated."""
   _, steps, tables, P = model
   s = steps[0]
-  rng = np.random.default_rng(1)
   cache = fresh_caches(P)[0]
-  b = nsa_jax.build_ragged_batch([30, 20, 10], [0, 0, 0])
-  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
-  x, qr = bf16(rng, b.T_pad, CFG.dim), bf16(rng, b.T_pad, CFG.q_lora_rank)
+  x, qr, inp, xd, qd, d = _steady_args(tables, P, seed=1)
   out, cache = s.prefill(x, qr, inp, cache)               # compiles (or finds) the bucket
-  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
-  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
   out_d, cache = s.decode(xd, qd, d, cache)
   jax.block_until_ready((out, out_d))
 
@@ -125,13 +132,8 @@ def test_steady_call_is_jax_cpp_dispatch(model):
   a pytree flattened through Python callbacks of nnx all show up here)."""
   _, steps, tables, P = model
   s = steps[1]
-  rng = np.random.default_rng(4)
   cache = fresh_caches(P)[1]
-  b = nsa_jax.build_ragged_batch([30, 20, 10], [0, 0, 0])
-  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
-  x, qr = bf16(rng, b.T_pad, CFG.dim), bf16(rng, b.T_pad, CFG.q_lora_rank)
-  d = jax.device_put(decode_inputs([31, 21, 11], tables, num_pages=P))
-  xd, qd = bf16(rng, 4, CFG.dim), bf16(rng, 4, CFG.q_lora_rank)
+  x, qr, inp, xd, qd, d = _steady_args(tables, P, seed=4)
   for _ in range(2):  # compiles (or finds) both programs, then one steady call each
     out, cache = s.prefill(x, qr, inp, cache)
     out_d, cache = s.decode(xd, qd, d, cache)
