@@ -64,8 +64,11 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
        "grid_w_smem": dict(hoist_weights=False),
        "grid_w_smem_st2": dict(hoist_weights=False, num_stages=2),
        "grid_w_smem_st3": dict(hoist_weights=False, num_stages=3),
-       "grid_direct": dict(direct_store=True),
-       "grid_direct_st3": dict(direct_store=True, num_stages=3)}
+       "grid_smem_store": dict(direct_store=False),
+       "grid_st6": dict(num_stages=6),
+       "grid_deferred": dict(deferred_refill=True),
+       "grid_deferred_st5": dict(deferred_refill=True, num_stages=5),
+       "grid_deferred_st6": dict(deferred_refill=True, num_stages=6)}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)

@@ -266,3 +266,26 @@ def for_range(lo, hi, step, carry, body):
     out = body(op.induction_variable, list(op.inner_iter_args))
     scf.yield_(list(out))
   return list(op.results)
+
+
+def fence_async_shared(interpret: bool = False) -> None:
+  """Orders the calling thread's earlier shared-memory accesses before later async-proxy
+  (TMA) accesses to them: ``fence.proxy.async.shared::cta``, per thread, with no barrier.
+
+  Called from Pallas kernel code (it emits one ``plgpu.inline_mgpu`` op). A thread that has
+  read a ring slot with plain loads runs it before arriving on the slot's free mbarrier, so
+  that a TMA refill issued after that barrier completes is ordered after its reads without
+  the warpgroup barrier that ``plgpu.commit_smem`` adds. GPU interpret mode cannot run
+  ``inline_mgpu``; there (``interpret=True``) this is ``plgpu.commit_smem``, which the
+  interpreter models as exactly this fence (its barrier is a no-op there)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  if interpret:
+    plgpu.commit_smem()
+    return
+
+  @plgpu.inline_mgpu()
+  def fence_async_shared_cta(ctx):
+    del ctx
+    nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+
+  fence_async_shared_cta()

@@ -76,6 +76,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from kernels_pallas import _mlir
+
 PAGE = 64
 _F32 = jnp.float32
 _FP8 = jnp.float8_e4m3fn
@@ -114,6 +116,11 @@ class PagedConfig:
       the page's wgmmas have completed (before the epilogue), and compile without Pallas'
       automatic warpgroup barriers (``unsafe_no_auto_barriers``): one explicit barrier a
       page (before the refill) instead of about eight. DeepGEMM's kernels store this way.
+    deferred_refill: ``direct_store`` only: no warpgroup barrier in the page loop at all.
+      Each thread arrives on the slot's mbarrier after its last read of the page (as
+      DeepGEMM's consumers release a slot), and the slot is refilled one page later, when
+      those arrivals are long complete, instead of right after a barrier; the prefetch
+      distance drops to ``num_stages - 1`` pages.
   """
 
   pages_per_split: int = 16
@@ -124,6 +131,7 @@ class PagedConfig:
   group_rows: int = 128
   hoist_weights: bool = True
   direct_store: bool = False
+  deferred_refill: bool = False
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
@@ -138,6 +146,9 @@ class PagedConfig:
       raise ValueError(f"PagedConfig: need ctas_per_sm, num_sms >= 1, got {self}")
     if self.direct_store and self.schedule != "grid":
       raise ValueError(f"PagedConfig: direct_store needs schedule='grid', got {self}")
+    if self.deferred_refill and not (self.direct_store and self.num_stages >= 2):
+      raise ValueError(f"PagedConfig: deferred_refill needs direct_store and num_stages >= 2, "
+                       f"got {self}")
     if self.group_rows not in (64, 128):
       raise ValueError(f"PagedConfig: group_rows must be 64 or 128, got {self.group_rows}")
 
@@ -157,7 +168,11 @@ def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS,
   a CTA when there are enough CTAs: on the H200 (2026-12-02, same call as DeepGEMM) 64 x 16K
   took 0.0446 ms at 8 pages a split (20 CTAs per SM) against 0.0477 at 4 (40 per SM), while
   8 x 32K (8 per SM at 8 pages) and 64 x 64K / 128 x 32K at 32 pages (20 per SM) were
-  2-8% slower than the rule's choice. Compare with ``benchmarks/bench_paged_variants.py``."""
+  2-8% slower than the rule's choice. Compare with ``benchmarks/bench_paged_variants.py``.
+
+  Stores go straight from registers (``direct_store``): on the H200 beside DeepGEMM
+  (2026-12-02, one call) 1-7% faster than through SMEM and TMA at every measured shape
+  (64 x 32K next_n = 2: 0.094 ms against 0.099)."""
   pages = -(-max_context_len // PAGE)
 
   def ctas(per):
@@ -167,7 +182,7 @@ def default_config(batch: int, max_context_len: int, num_sms: int = _NUM_SMS,
   while per < 64 and (ctas(2 * per) >= ctas_per_sm * num_sms
                       or (per < 8 and 2 * ctas(2 * per) >= ctas_per_sm * num_sms)):
     per *= 2
-  return PagedConfig(pages_per_split=per)
+  return PagedConfig(pages_per_split=per, direct_store=True)
 
 
 def query_groups(next_n: int, H: int, rows: int = 128) -> tuple[tuple[int, int], ...]:
@@ -200,7 +215,8 @@ def smem_bytes(next_n: int, H: int, config: PagedConfig) -> int:
   NS = config.num_stages
   return (up(NS * PAGE * 128) + up(NS * PAGE * 4) + up(qbuf * next_n * H * 128)
           + up(qbuf * next_n * H * 4) + up(2 * next_n * PAGE * 4)
-          + up(_fill_rows(next_n) * PAGE * 4) + up(8 * (NS + qbuf)))
+          + up(_fill_rows(next_n) * PAGE * 4)
+          + up(8 * (NS * (1 + config.deferred_refill) + qbuf)))
 
 
 def _fill_rows(n: int) -> int:
@@ -371,8 +387,9 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
 
 
 def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
-                 k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar, *,
-                 n, H, num_pages, max_pages, out_pages, config, clean):
+                 k_smem, ks_smem, q_smem, w_smem, o_smem, fill_smem, kv_bar, q_bar,
+                 used_bar=None, *, n, H, num_pages, max_pages, out_pages, config, clean,
+                 interpret=False):
   NS, PS = config.num_stages, config.pages_per_split
   b = lax.axis_index("b")
   j0 = lax.axis_index("s") * PS
@@ -421,7 +438,32 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       j = j0 + i
       # Scalar loads first: their latency hides behind the wait and the wgmma.
       _, ok = page_id(j)
-      next_pid, _ = page_id(jnp.minimum(j + NS, last))
+      # The page that refills a slot: NS pages ahead, or NS - 1 for the previous page's slot.
+      next_pid, _ = page_id(jnp.minimum(j + NS - int(config.deferred_refill), last))
+      if config.deferred_refill:
+        # The previous page's slot: every thread arrived on used_bar after its last read
+        # of it, one page ago, so this wait rarely stalls.
+        prev = lax.rem(i + NS - 1, NS)
+
+        @pl.when((i >= 1) & (i - 1 + NS < n_comp))
+        def _():
+          plgpu.barrier_wait(used_bar.at[prev])
+          issue(next_pid, prev)
+
+        plgpu.barrier_wait(kv_bar.at[slot])
+
+        def release():
+          # Per thread (128 arrivals): its scales are in registers, its wgmmas complete;
+          # the fence orders its loads of the slot before the refill's TMA writes.
+          @pl.when(i + NS < n_comp)
+          def _():
+            _mlir.fence_async_shared(interpret)
+            plgpu.barrier_arrive(used_bar.at[slot])
+
+        _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, rows(j),
+                   n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w,
+                   rows=config.group_rows, after_mma=release)
+        return
       plgpu.barrier_wait(kv_bar.at[slot])
       if config.direct_store:
         def refill():
@@ -622,6 +664,8 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
       plgpu.Barrier(num_arrivals=2, num_barriers=NS),
       plgpu.Barrier(num_arrivals=2 * len(_q_chunks(n, H)), num_barriers=2 if persistent else 1),
   ]
+  if cfg.deferred_refill:
+    scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=NS))   # used_bar
   common = dict(n=n, H=H, num_pages=num_pages, max_pages=max_pages, out_pages=out_pages,
                 config=cfg, clean=clean_logits)
   args = [q_fp8.reshape(B, n * H, D), weights.reshape(B, n * H), k_pages, k_scale_pages,
@@ -639,7 +683,7 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
     grid, names = (cfg.num_ctas,), ("c",)
     args += [req, starts]
   else:
-    body = functools.partial(_grid_kernel, **common)
+    body = functools.partial(_grid_kernel, interpret=bool(interpret), **common)
     grid, names = (B, -(-out_pages // cfg.pages_per_split)), ("b", "s")
   kernel = plgpu.kernel(
       body,

@@ -130,8 +130,8 @@ def test_kernel_interpret_matches_float64(variant, H):
 # epilogue differ from a variant already covered there (CPU time).
 _RACE = [(v, 64) for v in VARIANTS] + [
     (v, h) for h in (32, 128)
-    for v in ("default", "ob2_fill2", "split_n", "nc3_split", "nc4_split_n", "nc4_alt",
-              "direct")]
+    for v in ("default", "two_wg", "ob2_fill2", "split_n", "nc3_split", "nc4_split_n",
+              "nc4_alt", "direct")]
 
 
 @pytest.mark.parametrize("variant,H", _RACE)
@@ -159,8 +159,8 @@ def test_kernel_interpret_race_free_multi_tile(variant, H):
 
 # Without clean_logits only the -inf fill is left out: the schedules with their own fill or
 # tile layout.
-@pytest.mark.parametrize("variant", ["default", "ob2_fill2", "nc3_split", "nc4_split_n",
-                                     "direct", "nc4_split_direct"])
+@pytest.mark.parametrize("variant", ["default", "two_wg", "ob2_fill2", "nc3_split",
+                                     "nc4_split_n", "direct"])
 def test_kernel_interpret_unclean_matches_on_valid_entries(variant):
   from kernels_pallas import mqa_logits as kernel
   rng = np.random.default_rng(8)
