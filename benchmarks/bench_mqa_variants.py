@@ -10,7 +10,8 @@ ratio DeepGEMM ms / ours (>= 1: as fast or faster).
 
 Usage (H200):
   PYTHONPATH=. python3 benchmarks/bench_mqa_variants.py --out $OUT --peers $OUT/anchors.json
-Options: --variants a,b (default: all), --shapes 2048x8192,8192x32768x32 (TxS[xH]),
+Options: --variants a,b (default: all; ``name+field=value`` replaces fields of a variant:
+``default+num_stages=5``; separate with ";" when a spec holds a comma), --shapes 2048x8192,8192x32768x32 (TxS[xH]),
 --budget SECONDS (default 240: no measurement starts after it; the JSON is still written),
 --calls N (profiled calls per measurement), --hang-s SECONDS (a measurement taking longer is
 taken for a hung kernel: the JSON is written and the process exits with status 3).
@@ -25,6 +26,7 @@ measured. ``--interpret`` runs the kernels in interpret mode on the CPU (checks 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -92,6 +94,21 @@ def _hung(payload, write, row):
   os._exit(3)
 
 
+def variant_config(spec: str, H: int) -> "kernel.MqaLogitsConfig":
+  """A variant by name, or ``name+field=value+...`` with fields of it replaced, e.g.
+  ``default+num_stages=5`` (integers; 0/1 for the boolean fields)."""
+  name, *fields = spec.split("+")
+  cfg = kernel.variant_configs(H)[name]
+  if fields:
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    kw = {}
+    for item in fields:
+      key, _, value = item.partition("=")
+      kw[key] = bool(int(value)) if types.get(key) in (bool, "bool") else int(value)
+    cfg = dataclasses.replace(cfg, **kw)
+  return cfg
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,13 +167,15 @@ def main(argv=None):
   known = kernel.variant_configs(64)
   names = [n for n in ORDER if n in known] + [n for n in known if n not in ORDER]
   if args.variants:
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    names = ["default"] + [v for v in wanted if v in names and v != "default"]
+    wanted = [v.strip() for v in args.variants.split(";" if ";" in args.variants else ",")
+              if v.strip()]
+    names = ["default"] + [v for v in wanted
+                           if (v in names or v.split("+")[0] in names) and v != "default"]
   default_ms: dict = {}
 
   def measure(name, T, S, H, label=None):
     a, flop, ref, ref_inf = probs[(T, S, H)]
-    cfg = kernel.variant_configs(H)[name]
+    cfg = variant_config(name, H)
     row = dict(T=T, S=S, H=H, variant=label or name, config=str(cfg))
     t0 = time.monotonic()
     watchdog = threading.Timer(args.hang_s, _hung, (payload, write, row))
