@@ -80,10 +80,11 @@ class MqaLogitsConfig:
       goes through SMEM and a clipping TMA store (``out_buffers`` is unused).
 
   ``for_heads(H)`` is the default: DeepGEMM's layout of the work and of the stores (4 math
-  warpgroups on every 256-key tile, 64 keys each, direct stores). Measured on the H200
-  beside DeepGEMM (2026-12-02, one call, kernel time): 1.11-1.16x faster than the former
-  default (2 warpgroups taking whole 128-key tiles, SMEM + TMA stores: ``variant_configs``'
-  "two_wg"), e.g. 8192 x 32768 at H = 64 in 3.454 ms against DeepGEMM's 3.510.
+  warpgroups on every 256-key tile, 64 keys each, direct stores). On the H200 (2026-12-02,
+  kernel time) it was 1.11-1.16x faster than the former default (2 warpgroups taking whole
+  128-key tiles, SMEM + TMA stores: ``variant_configs``' "two_wg") at three shapes timed in
+  one call, and 0.95-1.07x DeepGEMM's speed at seven shapes timed in one call with
+  DeepGEMM (BENCHMARKS.md).
   """
 
   block_q: int
@@ -378,8 +379,8 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
                 # The slot is no longer read (scales in registers, wgmmas complete): the
                 # proxy fence orders this warpgroup's loads of it before the refill's TMA
                 # writes, then every thread arrives. A per-thread fence without the
-                # warpgroup barrier (_mlir.fence_async_shared) was 3-5% slower on the H200
-                # (2026-12-02), so commit_smem's fence + barrier stays.
+                # warpgroup barrier (_mlir.fence_async_shared) was 1-4% slower at every
+                # shape on the H200 (2026-12-02, benchmarks/NOTES.md), so commit_smem stays.
                 plgpu.commit_smem()
 
                 @pl.when(g + i + NS < my_tiles)
