@@ -48,8 +48,8 @@ SHAPES = [(2048, 8192, 64), (4096, 16384, 64), (8192, 8192, 64), (8192, 16384, 6
           (8192, 32768, 64), (8192, 65536, 64), (8192, 32768, 32)]
 MAX_CALC_DIFF = 5e-6
 # Measurement order (a run cut short by --budget keeps the first): DeepGEMM's layout first.
-ORDER = ["default", "two_wg", "direct", "nc4_split_n", "nc4_split", "split_n", "ob2_fill2",
-         "nc3_split", "launch_order", "nc4_alt"]
+ORDER = ["default", "release_arrive", "release_fence", "two_wg", "direct", "nc4_split_n",
+         "nc4_split", "split_n", "ob2_fill2", "nc3_split", "launch_order", "nc4_alt"]
 
 
 def parse_shapes(spec: str):
@@ -104,7 +104,10 @@ def variant_config(spec: str, H: int) -> "kernel.MqaLogitsConfig":
     kw = {}
     for item in fields:
       key, _, value = item.partition("=")
-      kw[key] = bool(int(value)) if types.get(key) in (bool, "bool") else int(value)
+      if types.get(key) in (bool, "bool"):
+        kw[key] = bool(int(value))
+      else:
+        kw[key] = value if types.get(key) in (str, "str") else int(value)
     cfg = dataclasses.replace(cfg, **kw)
   return cfg
 

@@ -66,9 +66,10 @@ def variants(num_sms: int) -> dict[str, kernel.PagedConfig | None]:
        "grid_w_smem_st3": dict(hoist_weights=False, num_stages=3),
        "grid_smem_store": dict(direct_store=False),
        "grid_st6": dict(num_stages=6),
-       "grid_deferred": dict(deferred_refill=True),
-       "grid_deferred_st5": dict(deferred_refill=True, num_stages=5),
-       "grid_deferred_st6": dict(deferred_refill=True, num_stages=6)}
+       "grid_fence": dict(release="fence"),
+       "grid_fence_st5": dict(release="fence", num_stages=5),
+       "grid_arrive": dict(release="arrive"),
+       "grid_arrive_st5": dict(release="arrive", num_stages=5)}
   for c, s in [(1, 8), (1, 16), (2, 4), (2, 8), (4, 4)]:
     v[f"pers_c{c}_s{s}"] = P(schedule="persistent", ctas_per_sm=c, num_stages=s,
                              num_sms=num_sms)

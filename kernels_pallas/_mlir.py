@@ -268,19 +268,27 @@ def for_range(lo, hi, step, carry, body):
   return list(op.results)
 
 
-def fence_async_shared(interpret: bool = False) -> None:
-  """Orders the calling thread's earlier shared-memory accesses before later async-proxy
-  (TMA) accesses to them: ``fence.proxy.async.shared::cta``, per thread, with no barrier.
 
-  Called from Pallas kernel code (it emits one ``plgpu.inline_mgpu`` op). A thread that has
-  read a ring slot with plain loads runs it before arriving on the slot's free mbarrier, so
-  that a TMA refill issued after that barrier completes is ordered after its reads without
-  the warpgroup barrier that ``plgpu.commit_smem`` adds. GPU interpret mode cannot run
-  ``inline_mgpu``; there (``interpret=True``) this is ``plgpu.commit_smem``, which the
-  interpreter models as exactly this fence (its barrier is a no-op there)."""
+def release_fence(release: str, interpret: bool = False) -> None:
+  """What a thread runs between its last read of a TMA-filled ring slot and its arrive on
+  the slot's free mbarrier (called from Pallas kernel code; no warpgroup barrier either way).
+
+  ``release="fence"``: ``fence.proxy.async.shared::cta`` (one ``plgpu.inline_mgpu`` op), which
+  orders the thread's shared-memory reads before the refill's async-proxy (TMA) writes by the
+  letter of the PTX memory model. ``"arrive"``: nothing, as DeepGEMM's and CUTLASS's Hopper
+  pipelines release a slot (the reads have returned their values before the arrive).
+
+  GPU interpret mode cannot run ``inline_mgpu``, and its race detector orders a thread's
+  generic reads before a later TMA write only through ``plgpu.commit_smem`` (which it models
+  as that fence; the barrier part is a no-op there): under ``interpret`` both modes run
+  ``commit_smem``, so the interpreter checks the mbarrier protocol, not the fence."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
+  if release not in ("fence", "arrive"):
+    raise ValueError(f"release_fence: release must be 'fence' or 'arrive', got {release!r}")
   if interpret:
     plgpu.commit_smem()
+    return
+  if release == "arrive":
     return
 
   @plgpu.inline_mgpu()

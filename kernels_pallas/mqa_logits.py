@@ -41,6 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels_pallas import _mlir
+
 SUPPORTED_HEADS = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (128,)
 _WGMMA_N = 128  # block_q * H: the query rows one wgmma takes as its N side
@@ -78,6 +80,11 @@ class MqaLogitsConfig:
       stores this way. Rows past T
       are skipped; the one row slice per query block that crosses the end of the keys
       goes through SMEM and a clipping TMA store (``out_buffers`` is unused).
+    release: ``direct_store`` only: what a consumer runs between its last read of a key
+      slot and its per-thread arrive that frees the slot: ``"barrier"`` (``commit_smem``:
+      proxy fence + warpgroup barrier), ``"fence"`` (a per-thread proxy fence, no barrier)
+      or ``"arrive"`` (nothing: DeepGEMM's and CUTLASS's release); see
+      ``_mlir.release_fence`` for interpret mode.
 
   ``for_heads(H)`` is the default: DeepGEMM's layout of the work and of the stores (4 math
   warpgroups on every 256-key tile, 64 keys each, direct stores). On the H200 (2026-12-02,
@@ -98,6 +105,7 @@ class MqaLogitsConfig:
   out_buffers: int = 1
   fill_tiles: int = 1
   direct_store: bool = False
+  release: str = "barrier"
 
   @classmethod
   def for_heads(cls, num_heads: int) -> "MqaLogitsConfig":
@@ -141,6 +149,9 @@ class MqaLogitsConfig:
       problems.append("block_kv must be in [64, 256]")
     if not self.kv_split and self.num_stages % nc:
       problems.append("without kv_split num_stages must be a multiple of num_consumers")
+    if self.release not in ("barrier", "fence", "arrive") or (
+        self.release != "barrier" and not self.direct_store):
+      problems.append("release must be 'barrier', or 'fence' / 'arrive' with direct_store")
     if self.num_stages < 2 or self.out_buffers not in (1, 2):
       problems.append("num_stages >= 2 and out_buffers in (1, 2)")
     if self.fill_tiles < 1 or self.fill_tiles * self.block_kv > 256:
@@ -168,11 +179,16 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
     keys each, SMEM + TMA stores; nc4_split_n adds split_n.
   - nc4_alt: 4 math warpgroups taking 64-key tiles in turn (8-stage ring).
   - direct: two_wg with ``direct_store``.
+  - release_fence / release_arrive: the default with a per-thread proxy fence, or nothing,
+    instead of the warpgroup barrier before a key slot is freed (``MqaLogitsConfig.release``).
   """
   base = MqaLogitsConfig(block_q=_WGMMA_N // num_heads)
   r = dataclasses.replace
+  default = MqaLogitsConfig.for_heads(num_heads)
   return {
-      "default": MqaLogitsConfig.for_heads(num_heads),
+      "default": default,
+      "release_fence": r(default, release="fence"),
+      "release_arrive": r(default, release="arrive"),
       "two_wg": base,
       "launch_order": r(base, heavy_first=False),
       "ob2_fill2": r(base, out_buffers=2, fill_tiles=2),
@@ -379,9 +395,12 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
                 # The slot is no longer read (scales in registers, wgmmas complete): the
                 # proxy fence orders this warpgroup's loads of it before the refill's TMA
                 # writes, then every thread arrives. A per-thread fence without the
-                # warpgroup barrier (_mlir.fence_async_shared) was 1-4% slower at every
-                # shape on the H200 (2026-12-02, benchmarks/NOTES.md), so commit_smem stays.
-                plgpu.commit_smem()
+                # warpgroup barrier (release="fence") was 1-4% slower at every shape on the
+                # H200 (2026-12-02, benchmarks/NOTES.md), so the barrier is the default.
+                if cfg.release == "barrier":
+                  plgpu.commit_smem()
+                else:
+                  _mlir.release_fence(cfg.release, interpret is not None)
 
                 @pl.when(g + i + NS < my_tiles)
                 def _():

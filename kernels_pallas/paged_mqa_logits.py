@@ -86,6 +86,7 @@ _T8 = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 _NUM_SMS = 132  # H100 SXM; only steers the split heuristic.
 
 
+RELEASES = ("barrier", "fence", "arrive")
 SCHEDULES = ("grid", "persistent")
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory one CTA may take on Hopper
 
@@ -116,11 +117,15 @@ class PagedConfig:
       the page's wgmmas have completed (before the epilogue), and compile without Pallas'
       automatic warpgroup barriers (``unsafe_no_auto_barriers``): one explicit barrier a
       page (before the refill) instead of about eight. DeepGEMM's kernels store this way.
-    deferred_refill: ``direct_store`` only: no warpgroup barrier in the page loop at all.
-      Each thread arrives on the slot's mbarrier after its last read of the page (as
-      DeepGEMM's consumers release a slot), and the slot is refilled one page later, when
-      those arrivals are long complete, instead of right after a barrier; the prefetch
-      distance drops to ``num_stages - 1`` pages.
+    release: ``direct_store`` only: how a page's ring slot is handed back for its refill.
+      ``"barrier"``: a warpgroup barrier (``commit_smem``: proxy fence + ``bar.sync``) after
+      the page's wgmmas, then the refill. ``"fence"`` / ``"arrive"``: no barrier in the page
+      loop at all; each thread arrives on the slot's mbarrier after its last read of the
+      page (as DeepGEMM's consumers release a slot), with (``"fence"``) or without
+      (``"arrive"``, as DeepGEMM and CUTLASS do) a per-thread async-proxy fence before it,
+      and the slot is refilled one page later, when those arrivals are long complete (the
+      prefetch distance drops to ``num_stages - 1`` pages). Interpret mode runs
+      ``commit_smem`` in place of either (see ``_mlir.release_fence``).
   """
 
   pages_per_split: int = 16
@@ -131,7 +136,7 @@ class PagedConfig:
   group_rows: int = 128
   hoist_weights: bool = True
   direct_store: bool = False
-  deferred_refill: bool = False
+  release: str = "barrier"
 
   def __post_init__(self):
     if self.pages_per_split < 1 or self.num_stages < 1:
@@ -146,11 +151,18 @@ class PagedConfig:
       raise ValueError(f"PagedConfig: need ctas_per_sm, num_sms >= 1, got {self}")
     if self.direct_store and self.schedule != "grid":
       raise ValueError(f"PagedConfig: direct_store needs schedule='grid', got {self}")
-    if self.deferred_refill and not (self.direct_store and self.num_stages >= 2):
-      raise ValueError(f"PagedConfig: deferred_refill needs direct_store and num_stages >= 2, "
-                       f"got {self}")
+    if self.release not in RELEASES:
+      raise ValueError(f"PagedConfig: release must be one of {RELEASES}, got {self.release!r}")
+    if self.release != "barrier" and not (self.direct_store and self.num_stages >= 2):
+      raise ValueError(f"PagedConfig: release={self.release!r} needs direct_store and "
+                       f"num_stages >= 2, got {self}")
     if self.group_rows not in (64, 128):
       raise ValueError(f"PagedConfig: group_rows must be 64 or 128, got {self.group_rows}")
+
+  @property
+  def deferred(self) -> bool:
+    """Whether slots are released by per-thread arrivals and refilled a page later."""
+    return self.release != "barrier"
 
   @property
   def num_ctas(self) -> int:
@@ -216,7 +228,7 @@ def smem_bytes(next_n: int, H: int, config: PagedConfig) -> int:
   return (up(NS * PAGE * 128) + up(NS * PAGE * 4) + up(qbuf * next_n * H * 128)
           + up(qbuf * next_n * H * 4) + up(2 * next_n * PAGE * 4)
           + up(_fill_rows(next_n) * PAGE * 4)
-          + up(8 * (NS * (1 + config.deferred_refill) + qbuf)))
+          + up(8 * (NS * (1 + config.deferred) + qbuf)))
 
 
 def _fill_rows(n: int) -> int:
@@ -439,8 +451,8 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
       # Scalar loads first: their latency hides behind the wait and the wgmma.
       _, ok = page_id(j)
       # The page that refills a slot: NS pages ahead, or NS - 1 for the previous page's slot.
-      next_pid, _ = page_id(jnp.minimum(j + NS - int(config.deferred_refill), last))
-      if config.deferred_refill:
+      next_pid, _ = page_id(jnp.minimum(j + NS - int(config.deferred), last))
+      if config.deferred:
         # The previous page's slot: every thread arrived on used_bar after its last read
         # of it, one page ago, so this wait rarely stalls.
         prev = lax.rem(i + NS - 1, NS)
@@ -453,11 +465,10 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
         plgpu.barrier_wait(kv_bar.at[slot])
 
         def release():
-          # Per thread (128 arrivals): its scales are in registers, its wgmmas complete;
-          # the fence orders its loads of the slot before the refill's TMA writes.
+          # Per thread (128 arrivals): its scales are in registers, its wgmmas complete.
           @pl.when(i + NS < n_comp)
           def _():
-            _mlir.fence_async_shared(interpret)
+            _mlir.release_fence(config.release, interpret)
             plgpu.barrier_arrive(used_bar.at[slot])
 
         _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, rows(j),
@@ -664,7 +675,7 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
       plgpu.Barrier(num_arrivals=2, num_barriers=NS),
       plgpu.Barrier(num_arrivals=2 * len(_q_chunks(n, H)), num_barriers=2 if persistent else 1),
   ]
-  if cfg.deferred_refill:
+  if cfg.deferred:
     scratch.append(plgpu.Barrier(num_arrivals=1, num_barriers=NS))   # used_bar
   common = dict(n=n, H=H, num_pages=num_pages, max_pages=max_pages, out_pages=out_pages,
                 config=cfg, clean=clean_logits)
@@ -700,5 +711,5 @@ def paged_mqa_logits(q_fp8, k_pages, k_scale_pages, weights, context_lens, block
   return out[:, :L] if Lp != L else out
 
 
-__all__ = ["PagedConfig", "SCHEDULES", "default_config", "paged_plan",
+__all__ = ["PagedConfig", "RELEASES", "SCHEDULES", "default_config", "paged_plan",
            "query_groups", "smem_bytes", "unsupported_reason", "paged_mqa_logits"]

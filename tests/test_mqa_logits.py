@@ -186,7 +186,9 @@ def test_kernel_config_rejects_unsupported_schedules():
          C(block_q=2, block_kv=64, num_consumers=3),            # 4 stages for 3 in turn
          C(block_q=2, block_kv=192, num_consumers=4, kv_split=True),
          C(block_q=2, fill_tiles=3),                            # 384-key TMA box
-         C(block_q=2, out_buffers=3)]
+         C(block_q=2, out_buffers=3),
+         C(block_q=2, release="fence"),                         # needs direct_store
+         C(block_q=2, direct_store=True, release="none")]
   for cfg in bad:
     with pytest.raises(ValueError, match="mqa_logits kernel: unsupported config"):
       cfg.check(64)

@@ -182,24 +182,25 @@ def test_kernel_group_rows_64(next_n, H, schedule):
   assert calc_diff(out, ref) < 5e-6
 
 
-@pytest.mark.parametrize("next_n,H,clean,deferred", [
-    (1, 64, True, False), (2, 64, True, False), (4, 64, True, False), (2, 64, False, False),
-    (3, 32, True, False), (1, 128, True, False), (1, 64, True, True), (2, 64, True, True),
-    (2, 64, False, True), (4, 32, True, True)])
-def test_kernel_direct_store(next_n, H, clean, deferred):
+@pytest.mark.parametrize("next_n,H,clean,release", [
+    (1, 64, True, "barrier"), (2, 64, True, "barrier"), (4, 64, True, "barrier"),
+    (2, 64, False, "barrier"), (3, 32, True, "barrier"), (1, 128, True, "barrier"),
+    (1, 64, True, "fence"), (2, 64, True, "arrive"), (2, 64, False, "fence"),
+    (4, 32, True, "arrive")])
+def test_kernel_direct_store(next_n, H, clean, release):
   """direct_store: logits from registers straight to GMEM, the slot refilled right after the
-  page's wgmmas (or, deferred_refill, one page later after every thread's arrival), no
+  page's wgmmas (or, release "fence"/"arrive", one page later after every thread's arrival), no
   automatic barriers. Races checked, NaN-poisoned outputs (every element written when
   clean), exact -inf pattern and values against float64; ragged contexts with an empty one,
-  lengths shorter than next_n, a width that is not whole pages; with deferred_refill splits
+  lengths shorter than next_n, a width that is not whole pages; with a deferred refill splits
   of 4 pages over a 2- or 3-slot ring, so that slots are refilled inside a split."""
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
   from kernels_pallas import paged_mqa_logits as kernel
   rng = np.random.default_rng(60 + next_n + H)
   p = paged_problem(rng, [1, 64, 0, 150, 333, 2], next_n=next_n, H=H, max_context_len=340)
-  if deferred:
+  if release != "barrier":
     cfg = kernel.PagedConfig(pages_per_split=4, num_stages=2 + (next_n == 4),
-                             direct_store=True, deferred_refill=True)
+                             direct_store=True, release=release)
   else:
     cfg = kernel.PagedConfig(pages_per_split=2, num_stages=2, direct_store=True)
   out = np.asarray(_kernel(p, cfg, clean_logits=clean, races=True))
@@ -214,8 +215,10 @@ def test_kernel_direct_store(next_n, H, clean, deferred):
     assert calc_diff(np.where(valid, out, 0.0), np.where(valid, ref, 0.0)) < 5e-6
   with pytest.raises(ValueError, match="direct_store needs schedule='grid'"):
     kernel.PagedConfig(schedule="persistent", direct_store=True)
-  with pytest.raises(ValueError, match="deferred_refill needs direct_store"):
-    kernel.PagedConfig(deferred_refill=True)
+  with pytest.raises(ValueError, match="release='fence' needs direct_store"):
+    kernel.PagedConfig(release="fence")
+  with pytest.raises(ValueError, match="release must be one of"):
+    kernel.PagedConfig(direct_store=True, release="none")
 
 
 @pytest.mark.parametrize("variant", ["grid_p2_s2", "pers_3ctas_s2"])
@@ -389,8 +392,9 @@ _PERSISTENT = dict(schedule="persistent", ctas_per_sm=2, num_stages=4)
     (64, 1, 64, 32768, True, dict(direct_store=True)),
     (64, 2, 64, 32768, True, dict(direct_store=True)),
     (8, 4, 64, 4099, False, dict(direct_store=True)),
-    (64, 2, 64, 32768, True, dict(direct_store=True, deferred_refill=True)),
-    (8, 1, 128, 4099, False, dict(direct_store=True, deferred_refill=True))])
+    (64, 2, 64, 32768, True, dict(direct_store=True, release="fence")),
+    (64, 2, 64, 32768, True, dict(direct_store=True, release="arrive")),
+    (8, 1, 128, 4099, False, dict(direct_store=True, release="fence"))])
 def test_kernel_cross_lowers_to_cuda(B, next_n, H, L, clean_logits, cfg):
   """The production shapes (B=64, H=64, D=128, 64K context) and odd ones go through the whole
   Mosaic GPU lowering (layout inference, fp8 wgmma operand checks, TMA descriptors) on a
@@ -494,17 +498,18 @@ def test_gpu_other_head_counts(H, next_n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("next_n", [1, 2, 4])
-@pytest.mark.parametrize("store", ["smem", "deferred"])
+@pytest.mark.parametrize("store", ["smem", "fence", "arrive"])
 def test_gpu_store_paths(next_n, store):
   """The store and refill paths next to the default's on the GPU: SMEM + TMA stores
-  (``direct_store=False``) and ``deferred_refill`` (no barrier in the page loop): exact -inf
-  pattern and values against the float32 reference, NaN-free, deterministic."""
+  (``direct_store=False``) and the barrier-free releases (``release="fence"`` / ``"arrive"``,
+  slots refilled a page later): exact -inf pattern and values against the float32
+  reference, NaN-free, deterministic."""
   from kernels_pallas import paged_mqa_logits as kernel
   rng = np.random.default_rng(70 + next_n)
   p = _device_problem(jax.random.key(70 + next_n), _spread_lens(rng, 64, 12000), next_n)
   L = p["max_context_len"]
   fields = (dict(direct_store=False) if store == "smem"
-            else dict(direct_store=True, deferred_refill=True))
+            else dict(direct_store=True, release=store))
   cfg = dataclasses.replace(kernel.default_config(64, L), **fields)
   f = jax.jit(lambda *a: kernel.paged_mqa_logits(*a, max_context_len=L, config=cfg))
   args = (p["q_fp8"], p["cache"].k_fp8, p["cache"].k_scale, p["weights"], p["context_lens"],
