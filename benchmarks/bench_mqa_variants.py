@@ -11,7 +11,8 @@ ratio DeepGEMM ms / ours (>= 1: as fast or faster).
 Usage (H200):
   PYTHONPATH=. python3 benchmarks/bench_mqa_variants.py --out $OUT --peers $OUT/anchors.json
 Options: --variants a,b (default: all; ``name+field=value`` replaces fields of a variant:
-``default+num_stages=5``; separate with ";" when a spec holds a comma), --shapes 2048x8192,8192x32768x32 (TxS[xH]),
+``default+num_stages=5``; separate with ";" when a spec holds a comma),
+--shapes 2048x8192,8192x32768x32 (TxS[xH]),
 --budget SECONDS (default 240: no measurement starts after it; the JSON is still written),
 --calls N (profiled calls per measurement), --hang-s SECONDS (a measurement taking longer is
 taken for a hung kernel: the JSON is written and the process exits with status 3).
@@ -96,7 +97,8 @@ def _hung(payload, write, row):
 
 def variant_config(spec: str, H: int) -> "kernel.MqaLogitsConfig":
   """A variant by name, or ``name+field=value+...`` with fields of it replaced, e.g.
-  ``default+num_stages=5`` (integers; 0/1 for the boolean fields)."""
+  ``default+num_stages=5`` (integers; 0/1 for the boolean fields; strings as written:
+  ``default+release=arrive``)."""
   name, *fields = spec.split("+")
   cfg = kernel.variant_configs(H)[name]
   if fields:

@@ -268,7 +268,6 @@ def for_range(lo, hi, step, carry, body):
   return list(op.results)
 
 
-
 def release_fence(release: str, interpret: bool = False) -> None:
   """What a thread runs between its last read of a TMA-filled ring slot and its arrive on
   the slot's free mbarrier (called from Pallas kernel code; no warpgroup barrier either way).

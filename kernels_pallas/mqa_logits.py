@@ -75,11 +75,10 @@ class MqaLogitsConfig:
     direct_store: consumers store each tile's logits from registers straight to global
       memory (no SMEM tile, TMA store or store wait), release the key slot as soon as the
       tile's wgmmas have completed (before the epilogue), and the kernel compiles without
-      Pallas' automatic warpgroup barriers (``unsafe_no_auto_barriers``): one barrier a
-      tile (the fence before the slot's release) instead of about six. DeepGEMM's kernel
-      stores this way. Rows past T
-      are skipped; the one row slice per query block that crosses the end of the keys
-      goes through SMEM and a clipping TMA store (``out_buffers`` is unused).
+      Pallas' automatic warpgroup barriers (``unsafe_no_auto_barriers``): at most one
+      barrier a tile (``release``) instead of about six. DeepGEMM's kernel stores this way.
+      Rows past T are skipped; the one row slice per query block that crosses the end of
+      the keys goes through SMEM and a clipping TMA store (``out_buffers`` is unused).
     release: ``direct_store`` only: what a consumer runs between its last read of a key
       slot and its per-thread arrive that frees the slot: ``"barrier"`` (``commit_smem``:
       proxy fence + warpgroup barrier), ``"fence"`` (a per-thread proxy fence, no barrier)

@@ -40,8 +40,10 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
   of next_n = 4 took 0.176 ms at 64 x 32K on the H200 against 0.219 for two next_n = 2
   launches, the form used before). Then in registers: relu, times the head weight (a per
   column vector), a sum over each query's H columns (a row reduction within a warp), times
-  the token's scale, the validity mask, and a TMA store of the ``[n, 64]`` tile into the
-  logits (two output slots so that a store overlaps the next page).
+  the token's scale, the validity mask, and plain stores of the ``[n, 64]`` tile from
+  registers into the logits (``direct_store``, the default; the SMEM tile + TMA store path,
+  two output slots so that a store overlaps the next page, is the alternative). The slot is
+  refilled right after the page's wgmmas, before the epilogue (``PagedConfig.release``).
 - Bad values never read out of bounds: a page id outside ``[0, num_pages)`` or a page past the
   block table's width is clamped for the load and its tokens are -inf; tokens past the
   context are -inf and their pages are never loaded.
@@ -339,7 +341,8 @@ def _hoisted_weights(w_smem, n, H, rows):
 
 def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w_hoisted,
                rows=128, after_mma=None):
-  """One page: logits of its 64 tokens for the n queries into ``o_ref`` [n, 64] (SMEM).
+  """One page: logits of its 64 tokens for the n queries into ``o_ref`` [n, 64] (an SMEM
+  tile, or with ``direct_store`` the output rows in GMEM).
 
   One fp8 wgmma per query group (:func:`query_groups`): M = 64 (the page's tokens),
   N = g * H (the query rows), K = D = 128, float32 accumulate. Then in registers: relu,
