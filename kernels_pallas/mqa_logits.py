@@ -394,8 +394,8 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
                 # The slot is no longer read (scales in registers, wgmmas complete): the
                 # proxy fence orders this warpgroup's loads of it before the refill's TMA
                 # writes, then every thread arrives. A per-thread fence without the
-                # warpgroup barrier (release="fence") was 1-4% slower at every shape on the
-                # H200 (2026-12-02, benchmarks/NOTES.md), so the barrier is the default.
+                # warpgroup barrier (release="fence") was 0-4% slower on the H200 by the
+                # ratio to DeepGEMM (2026-12-02, benchmarks/NOTES.md): the barrier stays.
                 if cfg.release == "barrier":
                   plgpu.commit_smem()
                 else:
