@@ -27,7 +27,6 @@ measured. ``--interpret`` runs the kernels in interpret mode on the CPU (checks 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -100,18 +99,7 @@ def variant_config(spec: str, H: int) -> "kernel.MqaLogitsConfig":
   ``default+num_stages=5`` (integers; 0/1 for the boolean fields; strings as written:
   ``default+release=arrive``)."""
   name, *fields = spec.split("+")
-  cfg = kernel.variant_configs(H)[name]
-  if fields:
-    types = {f.name: f.type for f in dataclasses.fields(cfg)}
-    kw = {}
-    for item in fields:
-      key, _, value = item.partition("=")
-      if types.get(key) in (bool, "bool"):
-        kw[key] = bool(int(value))
-      else:
-        kw[key] = value if types.get(key) in (str, "str") else int(value)
-    cfg = dataclasses.replace(cfg, **kw)
-  return cfg
+  return common.replace_fields(kernel.variant_configs(H)[name], fields)
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -76,6 +77,22 @@ def kernel_ms_per_call(fn, args, *, calls: int = 10, flush_mb: int = 256) -> flo
         and "memset" not in e.name.lower() and "memcpy" not in e.name.lower():
       total_us += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
   return total_us / calls / 1e3
+
+
+def replace_fields(cfg, items):
+  """A frozen config dataclass with fields replaced from ``"name=value"`` strings: integers,
+  0/1 for the boolean fields, strings as written (``["num_stages=5", "release=arrive"]``)."""
+  types = {f.name: f.type for f in dataclasses.fields(cfg)}
+  kw = {}
+  for item in items:
+    key, _, value = item.partition("=")
+    if key not in types:
+      raise ValueError(f"replace_fields: {type(cfg).__name__} has no field {key!r}")
+    if types[key] in (bool, "bool"):
+      kw[key] = bool(int(value))
+    else:
+      kw[key] = value if types[key] in (str, "str") else int(value)
+  return dataclasses.replace(cfg, **kw)
 
 
 def anchor_rows(path: str | None, part: str, who: str) -> list[dict]:

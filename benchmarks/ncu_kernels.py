@@ -25,7 +25,6 @@ form: the profiles there came from an equivalent scratch script of the same sess
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -35,6 +34,7 @@ import jax  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from kernels_pallas import mqa_logits as mqa_kernel  # noqa: E402
 from kernels_pallas import paged_mqa_logits as paged_kernel  # noqa: E402
 
@@ -52,15 +52,8 @@ def _dims(spec: str) -> list[int]:
 
 
 def _config(base, overrides: str):
-  """``base`` with the ``name=int`` fields of ``overrides`` (comma separated) replaced."""
-  if not overrides:
-    return None
-  fields = {}
-  for item in overrides.split(","):
-    name, _, value = item.partition("=")
-    fields[name] = int(value) if name not in ("direct_store", "kv_split", "split_n",
-                                              "heavy_first", "hoist_weights") else bool(int(value))
-  return dataclasses.replace(base, **fields)
+  """``base`` with the fields of ``overrides`` (comma separated ``name=value``) replaced."""
+  return common.replace_fields(base, overrides.split(",")) if overrides else None
 
 
 def paged(rng, B: int, L: int, n: int = 1, H: int = 64, overrides: str = ""):

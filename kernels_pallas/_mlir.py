@@ -270,21 +270,24 @@ def for_range(lo, hi, step, carry, body):
 
 def release_fence(release: str, interpret: bool = False) -> None:
   """What a thread runs between its last read of a TMA-filled ring slot and its arrive on
-  the slot's free mbarrier (called from Pallas kernel code; no warpgroup barrier either way).
+  the slot's free mbarrier (called from Pallas kernel code).
 
-  ``release="fence"``: ``fence.proxy.async.shared::cta`` (one ``plgpu.inline_mgpu`` op), which
+  ``release="barrier"``: ``plgpu.commit_smem`` (the fence below and a warpgroup barrier).
+  ``"fence"``: ``fence.proxy.async.shared::cta`` alone (one ``plgpu.inline_mgpu`` op), which
   orders the thread's shared-memory reads before the refill's async-proxy (TMA) writes by the
   letter of the PTX memory model. ``"arrive"``: nothing, as DeepGEMM's and CUTLASS's Hopper
   pipelines release a slot (the reads have returned their values before the arrive).
 
   GPU interpret mode cannot run ``inline_mgpu``, and its race detector orders a thread's
   generic reads before a later TMA write only through ``plgpu.commit_smem`` (which it models
-  as that fence; the barrier part is a no-op there): under ``interpret`` both modes run
-  ``commit_smem``, so the interpreter checks the mbarrier protocol, not the fence."""
+  as that fence; the barrier part is a no-op there): under ``interpret`` "fence" and
+  "arrive" run ``commit_smem``, so the interpreter checks the mbarrier protocol, not the
+  fence."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  if release not in ("fence", "arrive"):
-    raise ValueError(f"release_fence: release must be 'fence' or 'arrive', got {release!r}")
-  if interpret:
+  if release not in ("barrier", "fence", "arrive"):
+    raise ValueError(f"release_fence: release must be 'barrier', 'fence' or 'arrive', got "
+                     f"{release!r}")
+  if interpret or release == "barrier":
     plgpu.commit_smem()
     return
   if release == "arrive":

@@ -396,10 +396,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
                 # writes, then every thread arrives. A per-thread fence without the
                 # warpgroup barrier (release="fence") was 0-4% slower on the H200 by the
                 # ratio to DeepGEMM (2026-12-02, benchmarks/NOTES.md): the barrier stays.
-                if cfg.release == "barrier":
-                  plgpu.commit_smem()
-                else:
-                  _mlir.release_fence(cfg.release, interpret is not None)
+                _mlir.release_fence(cfg.release, interpret is not None)
 
                 @pl.when(g + i + NS < my_tiles)
                 def _():
