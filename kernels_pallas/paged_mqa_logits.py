@@ -367,38 +367,58 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
       w = plgpu.load(w_g, layout=plgpu.Layout.WGMMA.reduce(0))
       w = lax.broadcast_in_dim(w, (PAGE, NQ), [1])
     s = jnp.maximum(s, 0.0) * w
-    for u in range(g):
-      t = t0 + u
-      r = s[:, u * H:(u + 1) * H].sum(axis=1) * ksc                  # [64]
-      if clean:
-        # Token p is seen by query t iff p <= ctx - n + t (which implies p < ctx).
-        lim = jnp.where(ok, ctx - n + t + 1 - j * PAGE, 0)
-        row = plgpu.broadcasted_iota(jnp.int32, (PAGE,), 0,
-                                     layout=plgpu.Layout.WGMMA.reduce(1))
-        r = jnp.where(row < lim, r, -jnp.inf)
-      o_ref[t, :] = r
+    return [(t0 + u, s[:, u * H:(u + 1) * H].sum(axis=1) * ksc) for u in range(g)]  # [64]
 
+  outs = []
   if _overlapped(n, H, rows):
     def mma_all(*accs):
       for (t0, g), acc in zip(groups, accs):
         plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
+      res = []
       for gi, ((t0, g), acc) in enumerate(zip(groups, accs)):
         s = plgpu.wgmma_accumulator_load(acc, wait_n=len(groups) - 1 - gi)
         if after_mma is not None and gi == len(groups) - 1:
           after_mma()
-        epilogue(s, gi, t0, g)
+        res.extend(r for _, r in epilogue(s, gi, t0, g))
+      return res
 
-    pl.run_scoped(mma_all, *[plgpu.ACC((PAGE, g * H), _F32) for _, g in groups])
+    vals = pl.run_scoped(mma_all, *[plgpu.ACC((PAGE, g * H), _F32) for _, g in groups])
+    outs = list(zip(range(n), vals))
+  else:
+    for gi, (t0, g) in enumerate(groups):
+      def mma(acc, t0=t0, g=g):
+        plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
+        return acc[...]
+
+      s = pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32))
+      if after_mma is not None and gi == len(groups) - 1:
+        after_mma()
+      outs.extend(epilogue(s, gi, t0, g))
+  _store_rows(o_ref, outs, n=n, ctx=ctx, ok=ok, j=j, clean=clean)
+
+
+def _store_rows(o_ref, outs, *, n, ctx, ok, j, clean):
+  """``o_ref[t, :] = r`` for each ``(t, r)`` of ``outs``, masked when ``clean``.
+
+  Token p of the page is seen by query t iff p <= ctx - n + t (which implies p < ctx), and
+  only when the table names a real page (``ok``). Most pages lie wholly inside every query's
+  range: those skip the per-token compare and select (a uniform branch on scalars)."""
+  def plain():
+    for t, r in outs:
+      o_ref[t, :] = r
+
+  if not clean:
+    plain()
     return
-  for gi, (t0, g) in enumerate(groups):
-    def mma(acc, t0=t0, g=g):
-      plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
-      return acc[...]
+  whole = ok & ((j + 1) * PAGE <= ctx - n + 1)
+  pl.when(whole)(plain)
 
-    s = pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32))
-    if after_mma is not None and gi == len(groups) - 1:
-      after_mma()
-    epilogue(s, gi, t0, g)
+  @pl.when(jnp.logical_not(whole))
+  def _():
+    row = plgpu.broadcasted_iota(jnp.int32, (PAGE,), 0, layout=plgpu.Layout.WGMMA.reduce(1))
+    for t, r in outs:
+      lim = jnp.where(ok, ctx - n + t + 1 - j * PAGE, 0)
+      o_ref[t, :] = jnp.where(row < lim, r, -jnp.inf)
 
 
 def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
@@ -416,33 +436,41 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
   def rows(j):
     return out_gmem.at[pl.ds(b * n, n), pl.ds(j * PAGE, PAGE)]
 
-  if clean:
-    # Pages past the context only get -inf; these stores overlap the loads below.
-    fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, _F32)
-    plgpu.commit_smem()
-
-    @pl.loop(j0 + n_comp, j1)
-    def _(j):
-      plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, n)], rows(j))
-
   def page_id(j):
     return _page_id(bt_gmem, b, j, max_pages=max_pages, num_pages=num_pages)
 
   def issue(pid, slot):
     _issue_page(k_gmem, ks_gmem, k_smem, ks_smem, kv_bar, pid, slot)
 
+  # The table entries of the ring's first pages are loaded beside the context length, not
+  # after it (page_id clamps into the table; entries past the context are never used): the
+  # CTA's start-up chain is one load latency, then the TMAs. On the H200 (ncu, 64 x 32K,
+  # next_n = 2, 8 pages a CTA) a quarter of the stall samples sat in this once-per-CTA code.
+  first = [page_id(j0 + st)[0] for st in range(NS)]
+  last = j0 + n_comp - 1
+
   @pl.when(n_comp > 0)
-  def _compute():
+  def _start():
     _copy_queries(q_gmem.at[b], w_gmem.at[b], q_smem, w_smem, q_bar, n, H)
-    # All first-stage ids are loaded before any copy is issued so that the loads overlap.
-    # Indices stop at the last page with context: table entries past it are never read.
-    last = j0 + n_comp - 1
-    first = [page_id(jnp.minimum(j0 + st, last))[0] for st in range(NS)]
     for st in range(NS):
       @pl.when(st < n_comp)
       def _():
         issue(first[st], st)
 
+  if clean:
+    # Pages past the context only get -inf (only CTAs that have any pay the fill and its
+    # barrier); these stores overlap the loads above.
+    @pl.when(n_comp < j1 - j0)
+    def _fill():
+      fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, _F32)
+      plgpu.commit_smem()
+
+      @pl.loop(j0 + n_comp, j1)
+      def _(j):
+        plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, n)], rows(j))
+
+  @pl.when(n_comp > 0)
+  def _compute():
     plgpu.barrier_wait(q_bar)
     # The weights stay in registers for the whole split where they fit.
     w = _hoisted_weights(w_smem, n, H, config.group_rows) if config.hoist_weights else None
