@@ -369,7 +369,6 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
     s = jnp.maximum(s, 0.0) * w
     return [(t0 + u, s[:, u * H:(u + 1) * H].sum(axis=1) * ksc) for u in range(g)]  # [64]
 
-  outs = []
   if _overlapped(n, H, rows):
     def mma_all(*accs):
       for (t0, g), acc in zip(groups, accs):
@@ -383,18 +382,18 @@ def _page_math(k_ref, ks_ref, q_ref, w_ref, o_ref, *, n, H, ctx, ok, j, clean, w
       return res
 
     vals = pl.run_scoped(mma_all, *[plgpu.ACC((PAGE, g * H), _F32) for _, g in groups])
-    outs = list(zip(range(n), vals))
-  else:
-    for gi, (t0, g) in enumerate(groups):
-      def mma(acc, t0=t0, g=g):
-        plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
-        return acc[...]
+    _store_rows(o_ref, list(zip(range(n), vals)), n=n, ctx=ctx, ok=ok, j=j, clean=clean)
+    return
+  for gi, (t0, g) in enumerate(groups):
+    def mma(acc, t0=t0, g=g):
+      plgpu.wgmma(acc, k_ref, q_of(t0, g).T)
+      return acc[...]
 
-      s = pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32))
-      if after_mma is not None and gi == len(groups) - 1:
-        after_mma()
-      outs.extend(epilogue(s, gi, t0, g))
-  _store_rows(o_ref, outs, n=n, ctx=ctx, ok=ok, j=j, clean=clean)
+    s = pl.run_scoped(mma, plgpu.ACC((PAGE, g * H), _F32))
+    if after_mma is not None and gi == len(groups) - 1:
+      after_mma()
+    # Each group's rows are stored before the next group's MMA is issued.
+    _store_rows(o_ref, epilogue(s, gi, t0, g), n=n, ctx=ctx, ok=ok, j=j, clean=clean)
 
 
 def _store_rows(o_ref, outs, *, n, ctx, ok, j, clean):
