@@ -12,8 +12,12 @@ clocks alone as device METHOD.md asks):
 Cases: ``paged:BxCTX[xNEXT_N]`` (H = 64, every request at CTX tokens, shuffled pages) and
 ``mqa:TxS[xH]`` (causal: the last T of S tokens are the queries), each with the default
 config, or with fields of it replaced after a third colon: ``paged:64x32Kx2:direct_store=1``,
-``mqa:8192x32768:num_consumers=4,block_kv=256,kv_split=1``. (``MOSAIC_GPU_DUMP_SASS=1``
-around this driver printed no SASS on the H200 image, 2026-12-02.) Inputs are made with
+``mqa:8192x32768:num_consumers=4,block_kv=256,kv_split=1``. For the SASS with execution
+counts and stall samples per instruction, add ``--section SourceCounters --page source
+--print-source sass --csv`` (with ``--launch-skip 1 --launch-count 1`` and one case); with
+``MOSAIC_GPU_DUMP_TO=dir MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1`` jaxlib writes each
+kernel's PTX, ptxas report and MLIR to ``dir`` (its own SASS dump failed to spawn ``nvdisasm``
+on the H200 image, 2026-12-02). Inputs are made with
 numpy and copied to the device, so the only kernels the process launches are the Mosaic GPU
 ones (named ``*_mosaic_gpu_kernel``) and whatever small XLA ops an entry runs around them
 (``mqa_logits`` computes its key-tile spans with a few fusions; the regex above skips those). Each case runs twice: the first call compiles, the
