@@ -40,9 +40,10 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
   of next_n = 4 took 0.176 ms at 64 x 32K on the H200 against 0.219 for two next_n = 2
   launches, the form used before). Then in registers: relu, times the head weight (a per
   column vector), a sum over each query's H columns (a row reduction within a warp), times
-  the token's scale, the validity mask, and plain stores of the ``[n, 64]`` tile from
-  registers into the logits (``direct_store``, the default; the SMEM tile + TMA store path,
-  two output slots so that a store overlaps the next page, is the alternative). The slot is
+  the token's scale, the validity mask (skipped on pages wholly inside every query's
+  range), and plain stores of the ``[n, 64]`` tile from registers into the logits
+  (``direct_store``, the default; the SMEM tile + TMA store path, two output slots so that a
+  store overlaps the next page, is the alternative). The slot is
   refilled right after the page's wgmmas, before the epilogue (``PagedConfig.release``).
 - Bad values never read out of bounds: a page id outside ``[0, num_pages)`` or a page past the
   block table's width is clamped for the load and its tokens are -inf; tokens past the
