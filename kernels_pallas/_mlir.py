@@ -268,6 +268,9 @@ def for_range(lo, hi, step, carry, body):
   return list(op.results)
 
 
+RELEASES = ("barrier", "fence", "arrive")  # the ways a kernel may hand a ring slot back
+
+
 def release_fence(release: str, interpret: bool = False) -> None:
   """What a thread runs between its last read of a TMA-filled ring slot and its arrive on
   the slot's free mbarrier (called from Pallas kernel code).
@@ -284,9 +287,8 @@ def release_fence(release: str, interpret: bool = False) -> None:
   "arrive" run ``commit_smem``, so the interpreter checks the mbarrier protocol, not the
   fence."""
   from jax.experimental.pallas import mosaic_gpu as plgpu
-  if release not in ("barrier", "fence", "arrive"):
-    raise ValueError(f"release_fence: release must be 'barrier', 'fence' or 'arrive', got "
-                     f"{release!r}")
+  if release not in RELEASES:
+    raise ValueError(f"release_fence: release must be one of {RELEASES}, got {release!r}")
   if interpret or release == "barrier":
     plgpu.commit_smem()
     return

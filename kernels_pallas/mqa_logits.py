@@ -148,7 +148,7 @@ class MqaLogitsConfig:
       problems.append("block_kv must be in [64, 256]")
     if not self.kv_split and self.num_stages % nc:
       problems.append("without kv_split num_stages must be a multiple of num_consumers")
-    if self.release not in ("barrier", "fence", "arrive") or (
+    if self.release not in _mlir.RELEASES or (
         self.release != "barrier" and not self.direct_store):
       problems.append("release must be 'barrier', or 'fence' / 'arrive' with direct_store")
     if self.num_stages < 2 or self.out_buffers not in (1, 2):
@@ -393,9 +393,9 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
               if DIRECT and p == NQP - 1:
                 # The slot is no longer read (scales in registers, wgmmas complete): the
                 # proxy fence orders this warpgroup's loads of it before the refill's TMA
-                # writes, then every thread arrives. A per-thread fence without the
-                # warpgroup barrier (release="fence") was 0-4% slower on the H200 by the
-                # ratio to DeepGEMM (2026-12-02, benchmarks/NOTES.md): the barrier stays.
+                # writes, then every thread arrives. Without the warpgroup barrier
+                # (release="fence" / "arrive") it was within the spread of calls on the
+                # H200 (-4% to +1%, 2026-12-02, benchmarks/NOTES.md): the barrier stays.
                 _mlir.release_fence(cfg.release, interpret is not None)
 
                 @pl.when(g + i + NS < my_tiles)

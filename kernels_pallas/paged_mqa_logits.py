@@ -43,8 +43,8 @@ cross-lowers to CUDA without a GPU, so CPU CI checks both values and hardware le
   the token's scale, the validity mask (skipped on pages wholly inside every query's
   range), and plain stores of the ``[n, 64]`` tile from registers into the logits
   (``direct_store``, the default; the SMEM tile + TMA store path, two output slots so that a
-  store overlaps the next page, is the alternative). The slot is
-  refilled right after the page's wgmmas, before the epilogue (``PagedConfig.release``).
+  store overlaps the next page, is the alternative). The slot is refilled right after the
+  page's wgmmas, before the epilogue (``PagedConfig.release``).
 - Bad values never read out of bounds: a page id outside ``[0, num_pages)`` or a page past the
   block table's width is clamped for the load and its tokens are -inf; tokens past the
   context are -inf and their pages are never loaded.
@@ -89,7 +89,7 @@ _T8 = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 _NUM_SMS = 132  # H100 SXM; only steers the split heuristic.
 
 
-RELEASES = ("barrier", "fence", "arrive")
+RELEASES = _mlir.RELEASES
 SCHEDULES = ("grid", "persistent")
 _SMEM_LIMIT = 227 * 1024  # bytes of shared memory one CTA may take on Hopper
 
@@ -475,6 +475,11 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
     # The weights stay in registers for the whole split where they fit.
     w = _hoisted_weights(w_smem, n, H, config.group_rows) if config.hoist_weights else None
 
+    def page_math(slot, j, ok, o_ref, after_mma=None):
+      _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, o_ref, n=n, H=H,
+                 ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w, rows=config.group_rows,
+                 after_mma=after_mma)
+
     @pl.loop(0, n_comp)
     def _(i):
       slot = lax.rem(i, NS)
@@ -502,9 +507,7 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
             _mlir.release_fence(config.release, interpret)
             plgpu.barrier_arrive(used_bar.at[slot])
 
-        _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, rows(j),
-                   n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w,
-                   rows=config.group_rows, after_mma=release)
+        page_math(slot, j, ok, rows(j), after_mma=release)
         return
       plgpu.barrier_wait(kv_bar.at[slot])
       if config.direct_store:
@@ -518,15 +521,11 @@ def _grid_kernel(q_gmem, w_gmem, k_gmem, ks_gmem, cl_gmem, bt_gmem, out_gmem,
           def _():
             issue(next_pid, slot)
 
-        _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, rows(j),
-                   n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w,
-                   rows=config.group_rows, after_mma=refill)
+        page_math(slot, j, ok, rows(j), after_mma=refill)
         return
       oslot = lax.rem(i, 2)
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)                  # o_smem[oslot] is free
-      _page_math(k_smem.at[slot], ks_smem.at[slot], q_smem, w_smem, o_smem.at[oslot],
-                 n=n, H=H, ctx=ctx, ok=ok, j=j, clean=clean, w_hoisted=w,
-                 rows=config.group_rows)
+      page_math(slot, j, ok, o_smem.at[oslot])
       # Fences the SMEM writes for the TMA store, and orders every read of this slot's
       # scales before the refill below overwrites them.
       plgpu.commit_smem()
