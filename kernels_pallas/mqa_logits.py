@@ -57,9 +57,15 @@ class MqaLogitsConfig:
     block_kv: keys per TMA tile (one ring slot), 64 to 256.
     num_stages: depth of the TMA ring of key tiles.
     heavy_first: take query blocks in reverse order: in a causal prefill the last queries
-      see the most keys, and starting them first shortens the tail.
+      see the most keys (with ``balance`` this only orders the work).
     num_ctas: persistent grid size (each CTA loops over query blocks, its TMA ring running
       across block boundaries); None = the GPU's SM count (1 CTA per SM).
+    balance: split the key tiles of all query blocks evenly over the CTAs: CTA c takes a
+      contiguous run of the (query block, key tile) sequence, so a query block may be shared
+      by two CTAs at a key-tile boundary (its logits are independent per key; each CTA loads
+      the block's queries). False: whole query blocks round-robin, which leaves the CTAs of
+      the last, partial round idle for a block's time (4096 blocks on 132 SMs: 31.03 rounds,
+      about 3% of a causal 8192-token prefill).
     num_consumers: math warpgroups (2 to 4). More of them interleave one's CUDA-core
       epilogue with the others' wgmma at a smaller accumulator each (the register file
       is shared: 232 registers a thread for 2, 160 for 3, 112 for 4).
@@ -98,6 +104,7 @@ class MqaLogitsConfig:
   num_stages: int = 4
   heavy_first: bool = True
   num_ctas: int | None = None
+  balance: bool = True
   num_consumers: int = 2
   kv_split: bool = False
   split_n: bool = False
@@ -168,6 +175,8 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
 
   - default: ``MqaLogitsConfig.for_heads``: 4 math warpgroups share every 256-key tile (64
     keys each) and store their logits from registers (DeepGEMM's layout).
+  - round_robin: the default with whole query blocks handed to the CTAs in turn
+    (``balance=False``, the schedule before 2026-12-02's sixth session and DeepGEMM's).
   - two_wg: the former default: 2 math warpgroups take whole 128-key tiles in turn, logits
     through an SMEM tile and a TMA store. The variants below change one thing of it.
   - launch_order: query blocks in launch order instead of heaviest first.
@@ -186,6 +195,7 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
   default = MqaLogitsConfig.for_heads(num_heads)
   return {
       "default": default,
+      "round_robin": r(default, balance=False),
       "release_fence": r(default, release="fence"),
       "release_arrive": r(default, release="arrive"),
       "two_wg": base,
@@ -248,6 +258,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   G = num_ctas
   # Consecutive tiles of one consumer: all tiles with kv_split, every NC-th otherwise.
   STEP = 1 if cfg.kv_split else NC
+  JSTEP = 1 if cfg.balance else G             # launch-order stride of a CTA's query blocks
   DIRECT = cfg.direct_store
   prod_regs, cons_regs = _REGISTERS[NC]
   assert prod_regs + NC * cons_regs <= (65536 // ((NC + 1) * 128)) // 8 * 8 * (NC + 1)
@@ -263,7 +274,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
     half_cols.append([(j, max(j * H, c0) - c0, min((j + 1) * H, c1) - c0)
                       for j in range(BQ) if j * H < c1 and (j + 1) * H > c0])
 
-  def kernel(q_ref, k_ref, ksc_ref, w_ref, ks_ref, ke_ref, lo_ref, hi_ref, total_ref, out_ref,
+  def kernel(q_ref, k_ref, ksc_ref, w_ref, ks_ref, ke_ref, lo_ref, hi_ref, sched_ref, out_ref,
              q_smem, w_smem, k_smem, ksc_smem, o_smem, *rest):
     ninf = ninf_wide = None
     if clean and FILL > 1:
@@ -273,19 +284,26 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
     q_bar, q_free, kv_bar, free_bar = rest
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    # CTA c takes the query blocks of launch order c, c + G, c + 2G, ... Heaviest first in a
-    # causal prefill, so round-robin hands every CTA a near-equal share of the work.
-    my_blocks = (num_q_blocks - cta + G - 1) // G
-    my_tiles = total_ref[cta]   # key tiles over all of this CTA's query blocks
+    # This CTA's share (``_schedule``): query blocks j0, j0 + JSTEP, ... in launch order, the
+    # first of them from its unit off0 on, the last up to its unit off1 (a block of n key
+    # tiles has max(n, 1) units: an empty block still has its -inf row to write).
+    # (The cut offsets are read where they are used: five scalar loads here made the
+    # interpreter hang, 2026-12-02.)
+    j0, my_blocks, my_tiles = sched_ref[cta], sched_ref[G + cta], sched_ref[4 * G + cta]
 
     def block_of(m):
-      """(query block, its first token, its q buffer, first key tile, key tile count) of
-      this CTA's m-th block."""
-      j = cta + m * G
+      """This CTA's m-th block: (first token, q buffer, its span [lo, hi) of key tiles,
+      the first key tile this CTA computes, how many, whether it writes the -inf fill
+      before and after the span)."""
+      j = j0 + m * JSTEP
       qb = num_q_blocks - 1 - j if cfg.heavy_first else j
       t0, buf = qb * BQ, lax.rem(m, 2)
-      lo = lo_ref[qb]
-      return qb, t0, buf, lo, hi_ref[qb] - lo
+      lo, hi = lo_ref[qb], hi_ref[qb]
+      units = jnp.maximum(hi - lo, 1)
+      u0 = jnp.where(m == 0, sched_ref[2 * G + cta], 0)
+      u1 = jnp.where(m == my_blocks - 1, jnp.minimum(sched_ref[3 * G + cta], units), units)
+      n = jnp.maximum(jnp.minimum(u1, hi - lo) - u0, 0)
+      return t0, buf, lo, hi, lo + u0, n, u0 == 0, u1 == units
 
     @pl.when(wg == NC)
     def _producer():
@@ -297,7 +315,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
         plgpu.commit_smem()
 
       def per_block(m, g):
-        qb, t0, buf, lo, n = block_of(m)
+        t0, buf, span_lo, span_hi, lo, n, fill_before, fill_after = block_of(m)
 
         @pl.when(m >= 2)
         def _():
@@ -350,8 +368,10 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
 
             pl.loop(u0 + nwide * wide, u1)(fill1)
 
-          fill_range(0, lo * (BKV // FU))
-          fill_range((lo + n) * (BKV // FU), pl.cdiv(S, FU))
+          # A block shared by two CTAs: the one with its first tile fills before the span,
+          # the one with its last tile after it.
+          pl.when(fill_before)(lambda: fill_range(0, span_lo * (BKV // FU)))
+          pl.when(fill_after)(lambda: fill_range(span_hi * (BKV // FU), pl.cdiv(S, FU)))
         return g + n
 
       lax.fori_loop(0, my_blocks, per_block, jnp.int32(0))
@@ -368,7 +388,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
         return plgpu.load(ksc_smem.at[slot], layout=row_layout)
 
       def per_block(m, g):
-        qb, t0, buf, lo, n = block_of(m)
+        t0, buf, _, _, lo, n, _, _ = block_of(m)
         kss = [ks_ref[t0 + j] for j in range(BQ)]
         kes = [ke_ref[t0 + j] for j in range(BQ)]
         plgpu.barrier_wait(q_bar.at[buf])
@@ -524,6 +544,44 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   )
 
 
+def _schedule(tiles: jax.Array, G: int, cfg: MqaLogitsConfig) -> jax.Array:
+  """Each CTA's share of the query blocks, int32 [5 * G]: for CTA c at ``f * G + c``, f =
+  0: its first block in launch order, 1: how many blocks, 2: the first unit it takes of its
+  first block, 3: the end unit in its last block, 4: the key tiles it computes in all (the
+  consumers must know when the producer stops waiting on a ring slot).
+
+  tiles: int32 [num_q_blocks], key tiles of each query block. A block of n tiles counts as
+  max(n, 1) units (an empty one still writes its -inf row). ``cfg.balance``: the units in
+  launch order are cut into G runs of equal length (+-1), so every CTA computes the same
+  number of tiles whatever the block count; else CTA c takes whole blocks c, c + G, ...
+  """
+  if cfg.heavy_first:
+    tiles = tiles[::-1]
+  nblk = tiles.shape[0]
+  c = jnp.arange(G, dtype=jnp.int32)
+  if not cfg.balance:
+    nb = (nblk - c + G - 1) // G
+    padded = jnp.pad(tiles, (0, pl.cdiv(nblk, G) * G - nblk))
+    total = padded.reshape(-1, G).sum(axis=0)
+    big = jnp.full((G,), 1 << 30, jnp.int32)   # no cut: every block to its end
+    return jnp.concatenate([c, nb, jnp.zeros_like(c), big, total]).astype(jnp.int32)
+  units = jnp.maximum(tiles, 1)
+  first_unit = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(units)])   # [nblk + 1]
+  first_tile = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles)])
+  total_units = first_unit[-1]
+  # G <= nblk <= total_units: every run holds at least one unit. (c * q + min(c, r) rather
+  # than c * U // G: no int32 overflow at any size.)
+  q, r = total_units // G, total_units % G
+  start = c * q + jnp.minimum(c, r)
+  end = start + q + (c < r).astype(jnp.int32)
+  b0 = jnp.searchsorted(first_unit, start, side="right") - 1
+  b1 = jnp.searchsorted(first_unit, end - 1, side="right") - 1
+  off0, off1 = start - first_unit[b0], end - first_unit[b1]
+  total = ((first_tile[b1] + jnp.minimum(off1, tiles[b1]))
+           - (first_tile[b0] + jnp.minimum(off0, tiles[b0])))
+  return jnp.concatenate([b0, b1 - b0 + 1, off0, off1, total]).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("clean_logits", "interpret", "config"))
 def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = True,
                interpret=False, config: MqaLogitsConfig | None = None) -> jax.Array:
@@ -566,12 +624,7 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
     interpret = plgpu.InterpretGPUParams()
   num_q_blocks = T_pad // BQ
   G = min(num_q_blocks, cfg.num_ctas or (3 if interpret else _num_sms()))
-  # Key tiles per CTA (the consumers must know when the producer stops waiting on a slot).
-  tiles = hi - lo
-  if cfg.heavy_first:
-    tiles = tiles[::-1]
-  tiles = jnp.pad(tiles, (0, pl.cdiv(num_q_blocks, G) * G - num_q_blocks))
-  total = tiles.reshape(-1, G).sum(axis=0).astype(jnp.int32)
+  sched = _schedule(hi - lo, G, cfg)
   # TMA needs 16-byte row strides: for S % 4 != 0 the kernel writes a wider array that is
   # sliced (one extra copy, only for such S). One-row tiles (block_q = 1, i.e. H = 128) pad
   # to whole key tiles: on the H100 a one-row TMA store was seen not to be clipped at the
@@ -580,5 +633,5 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   call = _build(T, T_pad, S, k_fp8.shape[0], S_out, H, D, cfg, clean_logits, G,
                 interpret or None)
   out = call(q_fp8.reshape(T * H, D), k_fp8, k_scale, weights.reshape(T * H), ks, ke, lo, hi,
-             total)
+             sched)
   return out[:T, :S] if out.shape != (T, S) else out
