@@ -2,9 +2,14 @@
 
 ``logits[i, j] = k_scale[j] * sum_h w[i, h] * relu(q[i, h] . k[j])`` for ks[i] <= j < ke[i].
 
-Design (Hopper, one CTA per block of ``block_q`` query tokens):
+Design (Hopper, a persistent grid of one CTA per SM walking blocks of ``block_q`` query
+tokens):
 - The ``block_q * H`` (= 128) query rows of the block are the wgmma N side, loaded once into
-  SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128. fp8 wgmma needs both
+  SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128.
+- Balanced work: the (query block, key tile) pairs of the whole call, in launch order, are cut
+  into one equal run per CTA (``_schedule``), so a block may be split between two CTAs at a
+  key-tile boundary. Handing out whole blocks in turn left the CTAs of the last partial round
+  idle for a block's time (about 3% of a causal 8192-token prefill on 132 SMs). fp8 wgmma needs both
   operands K-major, which q [T*H, D] and k [S, D] already are, so nothing is transposed.
 - Warp specialization: the last warpgroup is the TMA producer (a ``num_stages`` ring of key
   and k_scale tiles with full/free mbarriers); by default four math warpgroups each take 64
@@ -258,7 +263,7 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   G = num_ctas
   # Consecutive tiles of one consumer: all tiles with kv_split, every NC-th otherwise.
   STEP = 1 if cfg.kv_split else NC
-  JSTEP = 1 if cfg.balance else G             # launch-order stride of a CTA's query blocks
+  ROUNDS = num_q_blocks // G                  # whole rounds of query blocks (``_schedule``)
   DIRECT = cfg.direct_store
   prod_regs, cons_regs = _REGISTERS[NC]
   assert prod_regs + NC * cons_regs <= (65536 // ((NC + 1) * 128)) // 8 * 8 * (NC + 1)
@@ -284,24 +289,27 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
     q_bar, q_free, kv_bar, free_bar = rest
     cta = lax.axis_index("cta")
     wg = lax.axis_index("wg")
-    # This CTA's share (``_schedule``): query blocks j0, j0 + JSTEP, ... in launch order, the
-    # first of them from its unit off0 on, the last up to its unit off1 (a block of n key
-    # tiles has max(n, 1) units: an empty block still has its -inf row to write).
-    # (The cut offsets are read where they are used: five scalar loads here made the
-    # interpreter hang, 2026-12-02.)
+    # This CTA's share (``_schedule``): one block of each of the ROUNDS whole rounds, then
+    # my_blocks - ROUNDS blocks j0, j0 + 1, ... of the last, partial round, the first of
+    # them from its unit off0 on, the last up to its unit off1 (a block of n key tiles has
+    # max(n, 1) units: an empty block still has its -inf row to write). The offsets are read
+    # where they are used: five scalar loads here made the interpreter hang (2026-12-02).
     j0, my_blocks, my_tiles = sched_ref[cta], sched_ref[G + cta], sched_ref[4 * G + cta]
 
     def block_of(m):
       """This CTA's m-th block: (first token, q buffer, its span [lo, hi) of key tiles,
       the first key tile this CTA computes, how many, whether it writes the -inf fill
       before and after the span)."""
-      j = j0 + m * JSTEP
+      in_round = lax.rem(m, 2) == 0 if cfg.balance else True
+      j = jnp.where(m < ROUNDS, m * G + jnp.where(in_round, cta, G - 1 - cta),
+                    ROUNDS * G + j0 + (m - ROUNDS))
       qb = num_q_blocks - 1 - j if cfg.heavy_first else j
       t0, buf = qb * BQ, lax.rem(m, 2)
       lo, hi = lo_ref[qb], hi_ref[qb]
       units = jnp.maximum(hi - lo, 1)
-      u0 = jnp.where(m == 0, sched_ref[2 * G + cta], 0)
-      u1 = jnp.where(m == my_blocks - 1, jnp.minimum(sched_ref[3 * G + cta], units), units)
+      u0 = jnp.where(m == ROUNDS, sched_ref[2 * G + cta], 0)
+      u1 = jnp.where((m >= ROUNDS) & (m == my_blocks - 1),
+                     jnp.minimum(sched_ref[3 * G + cta], units), units)
       n = jnp.maximum(jnp.minimum(u1, hi - lo) - u0, 0)
       return t0, buf, lo, hi, lo + u0, n, u0 == 0, u1 == units
 
@@ -546,40 +554,55 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
 
 def _schedule(tiles: jax.Array, G: int, cfg: MqaLogitsConfig) -> jax.Array:
   """Each CTA's share of the query blocks, int32 [5 * G]: for CTA c at ``f * G + c``, f =
-  0: its first block in launch order, 1: how many blocks, 2: the first unit it takes of its
-  first block, 3: the end unit in its last block, 4: the key tiles it computes in all (the
-  consumers must know when the producer stops waiting on a ring slot).
+  0: its first block of the last, partial round (relative to the round's start), 1: how many
+  blocks in all, 2: the first unit it takes of that first block, 3: the end unit in its last
+  block, 4: the key tiles it computes in all (the consumers must know when the producer
+  stops waiting on a ring slot).
 
-  tiles: int32 [num_q_blocks], key tiles of each query block. A block of n tiles counts as
-  max(n, 1) units (an empty one still writes its -inf row). ``cfg.balance``: the units in
-  launch order are cut into G runs of equal length (+-1), so every CTA computes the same
-  number of tiles whatever the block count; else CTA c takes whole blocks c, c + G, ...
+  tiles: int32 [num_q_blocks], key tiles of each query block. The blocks in launch order
+  form num_q_blocks // G whole rounds of G blocks, one block of each round per CTA, and a
+  partial round of the rest. ``cfg.balance``: the whole rounds go to the CTAs in snake order
+  (CTA c takes the c-th block of even rounds and the c-th from the end of odd ones, so that
+  heaviest-first order does not favour the first CTAs), and the partial round's units (a
+  block of n tiles counts as max(n, 1): an empty one still writes its -inf row) are cut into
+  G runs of equal length (+-1), so that no CTA takes a whole block more than another. Else
+  CTA c takes whole blocks c, c + G, c + 2G, ... A block's cost is not only its tiles (its
+  -inf fill and its start-up are per block), so every CTA takes one block of each round
+  rather than an equal run of tiles: that made short causal prefills, whose light blocks are
+  mostly fill, up to 1.6x slower (H200, 2026-12-02, benchmarks/NOTES.md).
   """
   if cfg.heavy_first:
     tiles = tiles[::-1]
   nblk = tiles.shape[0]
+  rounds, rest = nblk // G, nblk % G
   c = jnp.arange(G, dtype=jnp.int32)
+  whole = tiles[:rounds * G].reshape(rounds, G)
+  if cfg.balance:
+    whole = jnp.where((jnp.arange(rounds) % 2 == 0)[:, None], whole, whole[:, ::-1])
+  total = whole.sum(axis=0, dtype=jnp.int32)
+  tail = tiles[rounds * G:]
+  if rest == 0:
+    zero = jnp.zeros_like(c)
+    return jnp.concatenate([zero, zero + rounds, zero, zero, total]).astype(jnp.int32)
   if not cfg.balance:
-    nb = (nblk - c + G - 1) // G
-    padded = jnp.pad(tiles, (0, pl.cdiv(nblk, G) * G - nblk))
-    total = padded.reshape(-1, G).sum(axis=0)
-    big = jnp.full((G,), 1 << 30, jnp.int32)   # no cut: every block to its end
-    return jnp.concatenate([c, nb, jnp.zeros_like(c), big, total]).astype(jnp.int32)
-  units = jnp.maximum(tiles, 1)
-  first_unit = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(units)])   # [nblk + 1]
-  first_tile = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tiles)])
-  total_units = first_unit[-1]
-  # G <= nblk <= total_units: every run holds at least one unit. (c * q + min(c, r) rather
-  # than c * U // G: no int32 overflow at any size.)
-  q, r = total_units // G, total_units % G
+    has = (c < rest).astype(jnp.int32)
+    total = total + jnp.where(c < rest, jnp.pad(tail, (0, G - rest))[c], 0)
+    return jnp.concatenate([c, rounds + has, 0 * c, 0 * c + (1 << 30), total]).astype(jnp.int32)
+  units = jnp.maximum(tail, 1)
+  first_unit = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(units)])   # [rest + 1]
+  first_tile = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tail)])
+  q, r = first_unit[-1] // G, first_unit[-1] % G
   start = c * q + jnp.minimum(c, r)
   end = start + q + (c < r).astype(jnp.int32)
-  b0 = jnp.searchsorted(first_unit, start, side="right") - 1
-  b1 = jnp.searchsorted(first_unit, end - 1, side="right") - 1
+  some = end > start            # fewer units than CTAs: some CTAs take none
+  b0 = jnp.clip(jnp.searchsorted(first_unit, start, side="right") - 1, 0, rest - 1)
+  b1 = jnp.clip(jnp.searchsorted(first_unit, end - 1, side="right") - 1, 0, rest - 1)
   off0, off1 = start - first_unit[b0], end - first_unit[b1]
-  total = ((first_tile[b1] + jnp.minimum(off1, tiles[b1]))
-           - (first_tile[b0] + jnp.minimum(off0, tiles[b0])))
-  return jnp.concatenate([b0, b1 - b0 + 1, off0, off1, total]).astype(jnp.int32)
+  got = ((first_tile[b1] + jnp.minimum(off1, tail[b1]))
+         - (first_tile[b0] + jnp.minimum(off0, tail[b0])))
+  nb = jnp.where(some, b1 - b0 + 1, 0)
+  total = total + jnp.where(some, got, 0)
+  return jnp.concatenate([b0, rounds + nb, off0, off1, total]).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("clean_logits", "interpret", "config"))
