@@ -6,16 +6,10 @@ Design (Hopper, a persistent grid of one CTA per SM walking blocks of ``block_q`
 tokens):
 - The ``block_q * H`` (= 128) query rows of the block are the wgmma N side, loaded once into
   SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128.
-- Balanced work: the (query block, key tile) pairs of the whole call, in launch order, are cut
-  into one equal run per CTA (``_schedule``), so a block may be split between two CTAs at a
-  key-tile boundary. Handing out whole blocks in turn left the CTAs of the last partial round
-  idle for a block's time (about 3% of a causal 8192-token prefill on 132 SMs). fp8 wgmma needs both
-  operands K-major, which q [T*H, D] and k [S, D] already are, so nothing is transposed.
-- Warp specialization: the last warpgroup is the TMA producer (a ``num_stages`` ring of key
-  and k_scale tiles with full/free mbarriers); by default four math warpgroups each take 64
-  rows of every 256-key tile (DeepGEMM's layout), so that one's epilogue (relu, weight, head
-  sum on the CUDA cores) overlaps the others' wgmma, and store their logits straight from
-  registers to global memory.
+- The CTAs take the query blocks round by round (one block each per round); on rows of
+  ``BALANCE_MIN_TILES`` key tiles or more, in snake order, with the last, partial round cut
+  evenly over all CTAs at key-tile boundaries, so that no CTA computes a whole block more
+  than another (``MqaLogitsConfig.balance``, ``_schedule``).
 - Epilogue in registers: the f32 accumulator [block_kv, block_q * H] gets relu and the
   per-column weight, each query's H columns are summed (lane shuffles within a quad), the sum
   is scaled by k_scale (after the head sum: one multiply per logit, not per head) and masked.
@@ -51,6 +45,10 @@ from kernels_pallas import _mlir
 SUPPORTED_HEADS = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (128,)
 _WGMMA_N = 128  # block_q * H: the query rows one wgmma takes as its N side
+# balance=None takes the balanced schedule from this many key tiles a row (S / block_kv) on:
+# on the H200 (2026-12-02, one call, kernel time) it was 1.3-3.2% faster at S = 32768-65536
+# and 1.3-14% slower at S = 8192-16384 (2048 x 8192 the worst; not explained yet).
+BALANCE_MIN_TILES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +63,12 @@ class MqaLogitsConfig:
       see the most keys (with ``balance`` this only orders the work).
     num_ctas: persistent grid size (each CTA loops over query blocks, its TMA ring running
       across block boundaries); None = the GPU's SM count (1 CTA per SM).
-    balance: split the key tiles of all query blocks evenly over the CTAs: CTA c takes a
-      contiguous run of the (query block, key tile) sequence, so a query block may be shared
-      by two CTAs at a key-tile boundary (its logits are independent per key; each CTA loads
-      the block's queries). False: whole query blocks round-robin, which leaves the CTAs of
-      the last, partial round idle for a block's time (4096 blocks on 132 SMs: 31.03 rounds,
-      about 3% of a causal 8192-token prefill).
+    balance: True: whole rounds of query blocks in snake order and the last, partial round
+      cut evenly over all CTAs at key-tile boundaries (``_schedule``); False: whole blocks
+      round-robin, which leaves the CTAs of the partial round idle for a block's time
+      (4096 blocks on 132 SMs: 31.03 rounds). None (default): True for rows of at least
+      ``BALANCE_MIN_TILES`` key tiles, where it measured 1.3-3.2% faster on the H200, else
+      False (shorter rows measured 1.3-14% slower with it, 2026-12-02).
     num_consumers: math warpgroups (2 to 4). More of them interleave one's CUDA-core
       epilogue with the others' wgmma at a smaller accumulator each (the register file
       is shared: 232 registers a thread for 2, 160 for 3, 112 for 4).
@@ -109,7 +107,7 @@ class MqaLogitsConfig:
   num_stages: int = 4
   heavy_first: bool = True
   num_ctas: int | None = None
-  balance: bool = True
+  balance: bool | None = None
   num_consumers: int = 2
   kv_split: bool = False
   split_n: bool = False
@@ -180,8 +178,9 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
 
   - default: ``MqaLogitsConfig.for_heads``: 4 math warpgroups share every 256-key tile (64
     keys each) and store their logits from registers (DeepGEMM's layout).
-  - round_robin: the default with whole query blocks handed to the CTAs in turn
-    (``balance=False``, the schedule before 2026-12-02's sixth session and DeepGEMM's).
+  - round_robin / balanced: the default with whole query blocks handed to the CTAs in
+    turn (``balance=False``, DeepGEMM's schedule) or with snake rounds and the partial
+    round cut evenly (``balance=True``), whatever the row length.
   - two_wg: the former default: 2 math warpgroups take whole 128-key tiles in turn, logits
     through an SMEM tile and a TMA store. The variants below change one thing of it.
   - launch_order: query blocks in launch order instead of heaviest first.
@@ -201,6 +200,7 @@ def variant_configs(num_heads: int) -> dict[str, MqaLogitsConfig]:
   return {
       "default": default,
       "round_robin": r(default, balance=False),
+      "balanced": r(default, balance=True),
       "release_fence": r(default, release="fence"),
       "release_arrive": r(default, release="arrive"),
       "two_wg": base,
@@ -625,6 +625,8 @@ def mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke, *, clean_logits: bool = T
   cfg = config or MqaLogitsConfig.for_heads(H)
   cfg.check(H)
   BQ, BKV = cfg.block_q, cfg.block_kv
+  if cfg.balance is None:
+    cfg = dataclasses.replace(cfg, balance=pl.cdiv(S, BKV) >= BALANCE_MIN_TILES)
   T_pad = pl.cdiv(T, BQ) * BQ
   # Clamp (bad values never index out of bounds) and pad to whole query blocks (empty rows).
   ks = jnp.clip(ks, 0, S)

@@ -234,7 +234,7 @@ def test_kernel_interpret_blocks_shared_by_ctas(variant):
   from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
   from kernels_pallas import mqa_logits as kernel
   rng = np.random.default_rng(12)
-  cfg = dataclasses.replace(kernel.variant_configs(64)[variant], num_ctas=3)
+  cfg = dataclasses.replace(kernel.variant_configs(64)[variant], num_ctas=3, balance=True)
   S = 600
   ks = np.array([140, 140, 30, 300, 5, 5, 7, 7, 0], np.int32)
   ke = np.array([560, 600, 420, 431, 400, 450, 7, 7, 1], np.int32)
