@@ -324,7 +324,10 @@ if not missing("paged_mqa_logits", "bench_paged_mqa_logits.py"):
 # contexts). Above 1.0 (left) or the peer's bar (right) is faster than DeepGEMM.
 
 # %%
-mv, pv, pa = (results.get(k) for k in ("mqa_variants_h200", "paged_variants", "anchors_paged_h200"))
+# The latest same-call prefill figures: the library default of the final code (sixth session),
+# else the earlier schedule comparison.
+mv = results.get("mqa_default_h200_call3") or results.get("mqa_variants_h200")
+pv, pa = (results.get(k) for k in ("paged_variants", "anchors_paged_h200"))
 if not (mv or (pv and pa)):
   print("No same-call logits results (bench_mqa_variants.py / bench_paged_variants.py with "
         ".anchors/run.sh write them on a GPU).")
@@ -418,7 +421,7 @@ if not missing("prefill_topk", "bench_prefill_topk.py"):
 # %%
 known = {"mqa_logits", "mqa_logits_variants", "topk", "paged_mqa_logits", "prefill_topk",
          "topk_variants", "topk_peers_h200", "mqa_variants_h200", "paged_variants",
-         "anchors_paged_h200"}
+         "anchors_paged_h200", "mqa_default_h200_call3"}
 others = {k: v for k, v in results.items() if k not in known}
 if not others:
   print("No other result files yet (e.g. indexer.json will be shown here once a benchmark "
