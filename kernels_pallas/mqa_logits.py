@@ -5,7 +5,13 @@
 Design (Hopper, a persistent grid of one CTA per SM walking blocks of ``block_q`` query
 tokens):
 - The ``block_q * H`` (= 128) query rows of the block are the wgmma N side, loaded once into
-  SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128.
+  SMEM; key tiles of ``block_kv`` rows are the M side, K = D = 128. fp8 wgmma needs both
+  operands K-major, which q [T*H, D] and k [S, D] already are, so nothing is transposed.
+- Warp specialization: the last warpgroup is the TMA producer (a ``num_stages`` ring of key
+  and k_scale tiles with full/free mbarriers); by default four math warpgroups each take 64
+  rows of every 256-key tile (DeepGEMM's layout), so that one's epilogue (relu, weight, head
+  sum on the CUDA cores) overlaps the others' wgmma, and store their logits straight from
+  registers to global memory.
 - The CTAs take the query blocks round by round (one block each per round); on rows of
   ``BALANCE_MIN_TILES`` key tiles or more, in snake order, with the last, partial round cut
   evenly over all CTAs at key-tile boundaries, so that no CTA computes a whole block more
@@ -60,7 +66,7 @@ class MqaLogitsConfig:
     block_kv: keys per TMA tile (one ring slot), 64 to 256.
     num_stages: depth of the TMA ring of key tiles.
     heavy_first: take query blocks in reverse order: in a causal prefill the last queries
-      see the most keys (with ``balance`` this only orders the work).
+      see the most keys, and starting them first shortens the tail.
     num_ctas: persistent grid size (each CTA loops over query blocks, its TMA ring running
       across block boundaries); None = the GPU's SM count (1 CTA per SM).
     balance: True: whole rounds of query blocks in snake order and the last, partial round
