@@ -582,18 +582,18 @@ def _schedule(tiles: jax.Array, G: int, cfg: MqaLogitsConfig) -> jax.Array:
   nblk = tiles.shape[0]
   rounds, rest = nblk // G, nblk % G
   c = jnp.arange(G, dtype=jnp.int32)
+  zero = jnp.zeros_like(c)
   whole = tiles[:rounds * G].reshape(rounds, G)
   if cfg.balance:
     whole = jnp.where((jnp.arange(rounds) % 2 == 0)[:, None], whole, whole[:, ::-1])
   total = whole.sum(axis=0, dtype=jnp.int32)
   tail = tiles[rounds * G:]
   if rest == 0:
-    zero = jnp.zeros_like(c)
     return jnp.concatenate([zero, zero + rounds, zero, zero, total]).astype(jnp.int32)
   if not cfg.balance:
     has = (c < rest).astype(jnp.int32)
     total = total + jnp.where(c < rest, jnp.pad(tail, (0, G - rest))[c], 0)
-    return jnp.concatenate([c, rounds + has, 0 * c, 0 * c + (1 << 30), total]).astype(jnp.int32)
+    return jnp.concatenate([c, rounds + has, zero, zero + (1 << 30), total]).astype(jnp.int32)
   units = jnp.maximum(tail, 1)
   first_unit = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(units)])   # [rest + 1]
   first_tile = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(tail)])
