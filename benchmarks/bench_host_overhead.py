@@ -28,6 +28,13 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
   the allocator hands the program the same output address every time. XLA runs the step's
   kernels as a CUDA graph (a command buffer) and updates the graph's kernel arguments when a
   buffer address changes; ``wall_ms - free_out_ms`` is that update.
+- ``out_ms``, ``out_return_ms``: as ``wall_ms`` / ``return_ms`` with the previous output
+  handed back, ``out, cache = steps.decode(..., cache, out=out)``: it is donated and the new
+  indices take its buffer, so every buffer of the step keeps its address and XLA launches the
+  CUDA graph as recorded; ``out_overhead_ms = out_ms - device_ms``.
+- ``pipelined_ms``: per call, ``PIPELINED`` such calls (``out=``) issued back to back with one
+  wait at the end: the larger of the host's time per call and the device's (the graph's
+  launch and gaps included), i.e. what the step costs when the host runs ahead.
 - ``layers_ms``: ``wall_ms`` when the calls cycle over ``LAYERS`` layers of the same config
   (their own parameters and caches, one shared program), as an engine calls a step once per
   layer: every call sees other addresses.
@@ -87,13 +94,15 @@ def _random_cache(rng, num_pages, D):
       k.view(ml_dtypes.float8_e4m3fn), np.full((num_pages, 64), 1 / 64, np.float32)))
 
 
-def _standalone(call, cache, iters, warmup=5, free_out=False):
+def _standalone(call, cache, iters, warmup=5, free_out=False, give_out=False):
   """(wall s, until-return s, cache) of ``call(cache) -> (out, cache)``: the round with the
   lowest median wall of ``ROUNDS`` rounds of ``iters`` calls. ``free_out``: delete each
-  output before the next call (the program gets the same output address every time)."""
+  output before the next call (the program gets the same output address every time);
+  ``give_out``: ``call(cache, out)`` gets the previous output (for ``out=``)."""
   out = None
+  run = (lambda c, o: call(c, o)) if give_out else (lambda c, o: call(c))  # noqa: E731
   for _ in range(warmup):
-    out, cache = call(cache)
+    out, cache = run(cache, out)
     jax.block_until_ready(out)
   best = None
   for _ in range(ROUNDS):
@@ -102,7 +111,7 @@ def _standalone(call, cache, iters, warmup=5, free_out=False):
       if free_out:
         out.delete()
       t0 = time.perf_counter()
-      out, cache = call(cache)
+      out, cache = run(cache, out)
       t1 = time.perf_counter()
       jax.block_until_ready(out)
       t2 = time.perf_counter()
@@ -111,6 +120,22 @@ def _standalone(call, cache, iters, warmup=5, free_out=False):
     r = (statistics.median(walls), statistics.median(rets))
     best = r if best is None or r[0] < best[0] else best
   return best[0], best[1], cache
+
+
+def _pipelined(call, cache, iters):
+  """Seconds per call of ``iters`` calls ``call(cache, out)`` issued back to back (one wait
+  at the end), the lowest of ``ROUNDS`` rounds; and the cache."""
+  out, cache = call(cache, None)
+  jax.block_until_ready(out)
+  best = None
+  for _ in range(ROUNDS):
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      out, cache = call(cache, out)
+    jax.block_until_ready(out)
+    t = (time.perf_counter() - t0) / iters
+    best = t if best is None else min(best, t)
+  return best, cache
 
 
 def _layers(steps_list, kind, x, qr, inputs, caches, iters):
@@ -206,6 +231,10 @@ def _case(name, kind, steps_list, cfg, rows, P, inputs, iters, T, S, seed):
   call = lambda c: method(xs[0], qrs[0], inputs, c)  # noqa: E731
   wall, ret, cache = _standalone(call, cache, iters)
   free, _, cache = _standalone(call, cache, iters, free_out=True)
+  call_out = lambda c, o: (method(xs[0], qrs[0], inputs, c) if o is None  # noqa: E731
+                           else method(xs[0], qrs[0], inputs, c, out=o))
+  out_wall, out_ret, cache = _standalone(call_out, cache, iters, give_out=True)
+  piped, cache = _pipelined(call_out, cache, iters)
   floor, cache = _floor(steps.params, xs[0], qrs[0], inputs, cache, iters)
   prof, cache = _kernels(call, cache)
   caches = [cache] + [_random_cache(rng, P, cfg.head_dim) for _ in steps_list[1:]]
@@ -220,6 +249,8 @@ def _case(name, kind, steps_list, cfg, rows, P, inputs, iters, T, S, seed):
               device_ms=dev * ms, kernel_ms=opt(ksum), rdiff_ms=rdiff * ms,
               overhead_ms=(wall - dev) * ms, floor_ms=floor * ms,
               vs_floor_ms=(wall - dev - floor) * ms, free_out_ms=free * ms,
+              out_ms=out_wall * ms, out_return_ms=out_ret * ms,
+              out_overhead_ms=(out_wall - dev) * ms, pipelined_ms=piped * ms,
               layers_ms=layers * ms, kernels=kernels, in_jit_ms=in_jit * ms,
               step_device_ms=opt(step_dev))
 
@@ -274,14 +305,16 @@ def main(argv=None):
   steps_list = [nsa_jax.IndexerSteps(Indexer(cfg, rngs=nnx.Rngs(i))) for i in range(LAYERS)]
   rows = []
   cols = ["case", "T", "S", "wall_ms", "return_ms", "device_ms", "kernel_ms", "rdiff_ms",
-          "overhead_ms", "floor_ms", "vs_floor_ms", "free_out_ms", "layers_ms", "kernels",
+          "overhead_ms", "floor_ms", "vs_floor_ms", "free_out_ms", "out_ms", "out_return_ms",
+          "out_overhead_ms", "pipelined_ms", "layers_ms", "kernels",
           "in_jit_ms", "step_device_ms"]
   jobs = ([(decode_case, name, B, L) for name, B, L in decode] +
           [(prefill_case, name, ext, pre) for name, ext, pre in prefill])
   for fn, name, a, b in jobs:
     rows.append(fn(name, steps_list, cfg, a, b, iters))
     r = rows[-1]
-    print(f"  {name:18s} overhead {r['overhead_ms']:.3f} ms (floor {r['floor_ms']:.3f}, "
+    print(f"  {name:18s} overhead {r['overhead_ms']:.3f} ms (out= {r['out_overhead_ms']:.3f}, "
+          f"floor {r['floor_ms']:.3f}, pipelined {r['pipelined_ms']:.3f}, "
           f"same output address {r['free_out_ms'] - r['device_ms']:.3f}, "
           f"{LAYERS} layers {r['layers_ms'] - r['device_ms']:.3f})", flush=True)
     common.write_results("host_overhead", rows, args.out, args.smoke,

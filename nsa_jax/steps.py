@@ -56,7 +56,8 @@ from nsa_jax.cache import IndexKCache
 from nsa_jax.indexer import OUTPUTS, DecodeInputs, Indexer, PrefillInputs
 from nsa_jax.validation import call_checked, checking_enabled, describe, static_int
 
-_CACHE_ARG = 4  # position of ``cache`` in (params, x, qr, inputs, cache)
+_CACHE_ARG = 4  # position of ``cache`` in (params, x, qr, inputs, cache[, out])
+_OUT_ARG = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,16 +88,34 @@ def _pure(p: _Program) -> Callable:
   return step
 
 
-# Program -> (pure function, its jit). Module level so that every IndexerSteps of an equal
-# layer gets the same jitted function, hence the same compiled programs.
-_REGISTRY: dict[_Program, tuple[Callable, Callable]] = {}
+def _into_out(kind: str, pure: Callable) -> Callable:
+  """The step with a sixth argument ``out``, donated: the indices take its buffer."""
+
+  def step_into(params, x, qr, inputs, cache, out):
+    idx, cache = pure(params, x, qr, inputs, cache)
+    # Checked at trace time (once per shape): jax would only warn that a mismatched buffer
+    # could not be reused.
+    if not hasattr(out, "shape") or (tuple(out.shape), out.dtype) != (idx.shape, idx.dtype):
+      raise ValueError(f"IndexerSteps.{kind}: out must be int32{list(idx.shape)} (indices "
+                       f"this step returned for the same shapes), got {describe(out)}")
+    return idx, cache
+
+  step_into.__name__ = step_into.__qualname__ = f"indexer_{kind}_step_into"
+  # keep_unused: ``out`` is not read, and jit drops unused arguments (and their donation).
+  return jax.jit(step_into, donate_argnums=(_CACHE_ARG, _OUT_ARG), keep_unused=True)
 
 
-def _lookup(p: _Program) -> tuple[Callable, Callable]:
+# Program -> [pure function, its jit, its jit with ``out`` (made on first use)]. Module level
+# so that every IndexerSteps of an equal layer gets the same jitted functions, hence the same
+# compiled programs.
+_REGISTRY: dict[_Program, list] = {}
+
+
+def _lookup(p: _Program) -> list:
   hit = _REGISTRY.get(p)
   if hit is None:
     pure = _pure(p)
-    hit = _REGISTRY[p] = (pure, jax.jit(pure, donate_argnums=(_CACHE_ARG,)))
+    hit = _REGISTRY[p] = [pure, jax.jit(pure, donate_argnums=(_CACHE_ARG,)), None]
   return hit
 
 
@@ -115,6 +134,26 @@ def _check_args(fn, x, qr, cache):
   for a in (x, qr):
     if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
       _ARRAY_TYPES.add(type(a))
+
+
+def _name_deleted(fn, cache, out):
+  """Raise our own error when jax refused an argument because it was donated before."""
+  what = dict(cache="pass the cache that the previous call returned",
+              out="pass each returned indices array as out once")
+  for name, a in (("cache", getattr(cache, "k_fp8", None)), ("out", out)):
+    if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.is_deleted():
+      raise ValueError(f"{fn}: {name} was already donated or deleted ({what[name]})") from None
+
+
+def _check_out(fn, out):
+  """``out`` must be a live jax array (its shape and dtype are checked when tracing)."""
+  if not isinstance(out, jax.Array):
+    raise ValueError(f"{fn}: out must be a jax array of indices an earlier call returned (it is "
+                     f"donated), got {type(out).__module__.split('.')[0]}."
+                     f"{type(out).__name__} {describe(out)}")
+  if not isinstance(out, jax.core.Tracer):
+    _name_deleted(fn, None, out)
+    _ARRAY_TYPES.add(type(out))
 
 
 class IndexerSteps:
@@ -153,13 +192,16 @@ class IndexerSteps:
     leaves, treedef = jax.tree.flatten(state)
     self.params = tuple(leaves)
     self._graphdef, self._treedef = graphdef, treedef
-    # (kind, output) -> (pure, jitted); filled on first use, so a call never hashes graphdef.
-    self._fns: dict[tuple[str, str], tuple[Callable, Callable]] = {}
+    # (kind, output) -> the registry's entry; filled on first use, so a steady call never
+    # hashes graphdef.
+    self._fns: dict[tuple[str, str], list] = {}
     # output -> jitted step, what a steady call looks up (filled by the first checked call).
     self._prefill: dict[str, Callable] = {}
     self._decode: dict[str, Callable] = {}
+    self._prefill_into: dict[str, Callable] = {}   # the same with ``out``
+    self._decode_into: dict[str, Callable] = {}
 
-  def _get(self, kind: str, output: str) -> tuple[Callable, Callable]:
+  def _get(self, kind: str, output: str) -> list:
     if output not in OUTPUTS:  # before hashing it: a list must get this error too
       raise ValueError(f"IndexerSteps.{kind}: output must be one of {OUTPUTS}, got {output!r}")
     hit = self._fns.get((kind, output))
@@ -172,7 +214,7 @@ class IndexerSteps:
   # ------------------------------------------------------------------ the jitted steps
 
   def prefill(self, x, qr, inputs: PrefillInputs, cache: IndexKCache, *,
-              output: str = "slots"):
+              output: str = "slots", out=None):
     """Jitted :meth:`Indexer.prefill <nsa_jax.Indexer.prefill>`; donates ``cache``.
 
     Args:
@@ -182,20 +224,34 @@ class IndexerSteps:
         already on the device via ``jax.device_put``).
       cache: the :class:`~nsa_jax.IndexKCache` (donated).
       output: "slots" | "positions" | "keys".
+      out: optional int32 [T_pad, topk] jax array you no longer need, typically the indices
+        an earlier call of the same shapes returned. It is donated (deleted) and the new
+        indices are written into its buffer, so that the step's buffers keep their addresses
+        from call to call and XLA launches its CUDA graph without updating it first
+        (docs/architecture.md, "Host overhead").
 
     Returns:
       ``(int32 [T_pad, topk] indices, -1 padded; the new IndexKCache)``.
     """
-    fn = self._prefill.get(output) if type(output) is str else None
-    # The fast path: one dict lookup, four type checks, one config read, then jax's C++
+    fn = (self._prefill if out is None else self._prefill_into).get(output) \
+        if type(output) is str else None
+    # The fast path: one dict lookup, a few type checks, one config read, then jax's C++
     # dispatch. Anything else (first call, numpy or traced arguments, checking mode, bad
     # input) takes _call, which checks and names a bad argument.
     if (fn is None or type(inputs) is not PrefillInputs or type(cache) is not IndexKCache
-        or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES or checking_enabled()):
-      return self._call("prefill", PrefillInputs, x, qr, inputs, cache, output)
-    return fn(self.params, x, qr, inputs, cache)
+        or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES
+        or (out is not None and type(out) not in _ARRAY_TYPES) or checking_enabled()):
+      return self._call("prefill", PrefillInputs, x, qr, inputs, cache, output, out)
+    try:  # costs nothing unless it raises
+      if out is None:
+        return fn(self.params, x, qr, inputs, cache)
+      return fn(self.params, x, qr, inputs, cache, out)
+    except RuntimeError:
+      _name_deleted("IndexerSteps.prefill", cache, out)
+      raise
 
-  def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots"):
+  def decode(self, x, qr, inputs: DecodeInputs, cache: IndexKCache, *, output: str = "slots",
+             out=None):
     """Jitted :meth:`Indexer.decode <nsa_jax.Indexer.decode>`; donates ``cache``.
 
     Args:
@@ -204,28 +260,53 @@ class IndexerSteps:
       inputs: :class:`~nsa_jax.indexer.DecodeInputs` from ``decode_inputs`` (B_pad rows).
       cache: the :class:`~nsa_jax.IndexKCache` (donated).
       output: "slots" | "positions" | "keys".
+      out: optional int32 [B_pad * next_n, topk] jax array you no longer need (donated; the
+        new indices take its buffer), as in :meth:`prefill`.
 
     Returns:
       ``(int32 [B_pad * next_n, topk] indices, -1 padded; the new IndexKCache)``.
     """
-    fn = self._decode.get(output) if type(output) is str else None
+    fn = (self._decode if out is None else self._decode_into).get(output) \
+        if type(output) is str else None
     if (fn is None or type(inputs) is not DecodeInputs or type(cache) is not IndexKCache
-        or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES or checking_enabled()):
-      return self._call("decode", DecodeInputs, x, qr, inputs, cache, output)
-    return fn(self.params, x, qr, inputs, cache)
+        or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES
+        or (out is not None and type(out) not in _ARRAY_TYPES) or checking_enabled()):
+      return self._call("decode", DecodeInputs, x, qr, inputs, cache, output, out)
+    try:  # costs nothing unless it raises
+      if out is None:
+        return fn(self.params, x, qr, inputs, cache)
+      return fn(self.params, x, qr, inputs, cache, out)
+    except RuntimeError:
+      _name_deleted("IndexerSteps.decode", cache, out)
+      raise
 
-  def _call(self, kind, inputs_type, x, qr, inputs, cache, output):
+  def _call(self, kind, inputs_type, x, qr, inputs, cache, output, out):
     """The checked path: first call per output, numpy arguments, checking mode, bad input."""
+    fn_name = f"IndexerSteps.{kind}"
     if type(inputs) is not inputs_type:
       made_by = ("nsa_jax.prefill_inputs(batch, block_tables)" if kind == "prefill" else
                  "nsa_jax.decode_inputs(context_lens, block_tables)")
-      raise ValueError(f"IndexerSteps.{kind}: inputs must be {inputs_type.__name__} (from "
+      raise ValueError(f"{fn_name}: inputs must be {inputs_type.__name__} (from "
                        f"{made_by}), got {type(inputs).__name__}")
-    _check_args(f"IndexerSteps.{kind}", x, qr, cache)
-    fn = self._get(kind, output)[1]
-    (self._prefill if kind == "prefill" else self._decode)[output] = fn
-    # call_checked: in checking mode, a value check that failed inside raises here.
-    return call_checked(fn, self.params, x, qr, inputs, cache)
+    _check_args(fn_name, x, qr, cache)
+    if out is None:
+      fn = self._get(kind, output)[1]
+      (self._prefill if kind == "prefill" else self._decode)[output] = fn
+      args = (self.params, x, qr, inputs, cache)
+    else:
+      _check_out(fn_name, out)
+      hit = self._get(kind, output)
+      if hit[2] is None:
+        hit[2] = _into_out(kind, hit[0])
+      fn = hit[2]
+      (self._prefill_into if kind == "prefill" else self._decode_into)[output] = fn
+      args = (self.params, x, qr, inputs, cache, out)
+    try:
+      # call_checked: in checking mode, a value check that failed inside raises here.
+      return call_checked(fn, *args)
+    except RuntimeError:
+      _name_deleted(fn_name, cache, out)
+      raise
 
   # ------------------------------------------------------------------ inside your own jit
 
@@ -257,8 +338,8 @@ class IndexerSteps:
   def cache_sizes() -> dict:
     """Compiled programs held per step kind, over all IndexerSteps (jax's jit cache sizes)."""
     sizes = dict(prefill=0, decode=0)
-    for p, (_, jitted) in _REGISTRY.items():
-      sizes[p.kind] += jitted._cache_size()
+    for p, (_, jitted, into) in _REGISTRY.items():
+      sizes[p.kind] += jitted._cache_size() + (into._cache_size() if into is not None else 0)
     return sizes
 
 

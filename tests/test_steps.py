@@ -202,6 +202,71 @@ def test_inputs_of_the_wrong_kind_are_named(model):
     IndexerSteps(nnx.split(Indexer(CFG, rngs=nnx.Rngs(0)))[1])
 
 
+def test_out_is_donated_and_takes_the_indices(model, memory_queries):
+  """``out=``: the given indices array is donated and aliased to the new indices (so the
+  step's buffers keep their addresses); results equal the plain call's; steady calls with
+  ``out`` compile nothing, query nothing, move nothing and run no Python frame of jax."""
+  _, steps, tables, P = model
+  s = steps[1]
+  x, qr, inp, xd, qd, d = _steady_args(tables, P, seed=7)
+  ref_p, c = s.prefill(x, qr, inp, fresh_caches(P)[1])
+  ref_d, _ = s.decode(xd, qd, d, c)
+  ref_p, ref_d = np.asarray(ref_p), np.asarray(ref_d)
+  cache = fresh_caches(P)[1]
+  # Never converted to numpy before being donated: on the CPU np.asarray shares the buffer,
+  # and a shared buffer is copied rather than donated.
+  out, cache = s.prefill(x, qr, inp, cache)
+  out_d, cache = s.decode(xd, qd, d, cache)
+  for _ in range(2):  # the first calls with out= compile (or find) their programs
+    old, old_d = out, out_d
+    out, cache = s.prefill(x, qr, inp, cache, out=out)
+    out_d, cache = s.decode(xd, qd, d, cache, out=out_d)
+    assert old.is_deleted() and old_d.is_deleted(), "out must be donated"
+  c0, q0 = COMPILES.n, len(memory_queries)
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      out, cache = s.prefill(x, qr, inp, cache, out=out)
+      out_d, cache = s.decode(xd, qd, d, cache, out=out_d)
+    jax.block_until_ready((out, out_d, cache))
+  assert COMPILES.n == c0 and len(memory_queries) == q0
+  with nsa_jax.checking(False):
+    seen, (out_d, cache) = python_calls(lambda: s.decode(xd, qd, d, cache, out=out_d))
+  others = [f for f in seen if "/nsa_jax/" not in f and not f.endswith("test_steps.py:<lambda>")]
+  assert not others and len(seen) - 1 <= STEADY_PY_CALLS, seen
+  np.testing.assert_array_equal(np.asarray(out), ref_p)
+  np.testing.assert_array_equal(np.asarray(out_d), ref_d)
+  # The alias is in the program: out (the last argument) is output 0, the indices.
+  into = [e[2] for p, e in nsa_jax.steps._REGISTRY.items()
+          if p.kind == "decode" and e[2] is not None and e[0] is s.decode_fn()][0]
+  main = next(l for l in into.lower(s.params, xd, qd, d, cache, out_d).as_text().splitlines()
+              if "func public @main(" in l)
+  assert main.rstrip().split("%arg")[-1].count("tf.aliasing_output = 0 "), main
+
+
+def test_bad_out_and_reused_donations_are_named(model):
+  _, steps, tables, P = model
+  s = steps[2]
+  x, qr, inp, xd, qd, d = _steady_args(tables, P, seed=8)
+  cache = fresh_caches(P)[2]
+  out, cache = s.decode(xd, qd, d, cache)
+  out, cache = s.decode(xd, qd, d, cache, out=out)   # the fast path from here on
+  for bad, what in ((np.zeros((4, CFG.topk), np.int32), r"a jax array .* got numpy"),
+                    (jnp.zeros((4, CFG.topk + 1), jnp.int32), r"int32\[4, 16\] .* got int32\[4, 17\]"),
+                    (jnp.zeros((4, CFG.topk), jnp.float32), r"int32\[4, 16\] .* got float32")):
+    with pytest.raises(ValueError, match=r"IndexerSteps.decode: out must be " + what):
+      s.decode(xd, qd, d, cache, out=bad)
+  old = out
+  out, cache = s.decode(xd, qd, d, cache, out=out)
+  with pytest.raises(ValueError, match=r"IndexerSteps.decode: out was already donated"):
+    s.decode(xd, qd, d, cache, out=old)                # fast path
+  with pytest.raises(ValueError, match=r"IndexerSteps.prefill: out was already donated"):
+    s.prefill(x, qr, inp, cache, out=old)              # checked path (first prefill with out)
+  old_cache = cache
+  out, cache = s.decode(xd, qd, d, cache, out=out)
+  with pytest.raises(ValueError, match=r"IndexerSteps.decode: cache was already donated"):
+    s.decode(xd, qd, d, old_cache)
+
+
 def test_every_layer_in_one_jit(model, memory_queries):
   """The README's pattern: the plan and budget are made once on the host, every layer's step
   runs inside one jit of the user's. One compile per bucket; steady calls compile nothing,
