@@ -32,6 +32,8 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
   handed back, ``out, cache = steps.decode(..., cache, out=out)``: it is donated and the new
   indices take its buffer, so every buffer of the step keeps its address and XLA launches the
   CUDA graph as recorded; ``out_overhead_ms = out_ms - device_ms``.
+- ``spin_ms``: ``out_ms`` when the host waits by polling ``out.is_ready()`` rather than
+  sleeping in ``block_until_ready``: the part of the wall that is the host thread waking up.
 - ``pipelined_ms``: per call, ``PIPELINED`` such calls (``out=``) issued back to back with one
   wait at the end: the larger of the host's time per call and the device's (the graph's
   launch and gaps included), i.e. what the step costs when the host runs ahead.
@@ -94,11 +96,19 @@ def _random_cache(rng, num_pages, D):
       k.view(ml_dtypes.float8_e4m3fn), np.full((num_pages, 64), 1 / 64, np.float32)))
 
 
-def _standalone(call, cache, iters, warmup=5, free_out=False, give_out=False):
+def _spin(out):
+  """Wait for ``out`` by polling instead of sleeping in ``block_until_ready``."""
+  while not out.is_ready():
+    pass
+
+
+def _standalone(call, cache, iters, warmup=5, free_out=False, give_out=False,
+                wait=jax.block_until_ready):
   """(wall s, until-return s, cache) of ``call(cache) -> (out, cache)``: the round with the
   lowest median wall of ``ROUNDS`` rounds of ``iters`` calls. ``free_out``: delete each
   output before the next call (the program gets the same output address every time);
-  ``give_out``: ``call(cache, out)`` gets the previous output (for ``out=``)."""
+  ``give_out``: ``call(cache, out)`` gets the previous output (for ``out=``); ``wait``: how
+  the host waits for the output."""
   out = None
   run = (lambda c, o: call(c, o)) if give_out else (lambda c, o: call(c))  # noqa: E731
   for _ in range(warmup):
@@ -113,7 +123,7 @@ def _standalone(call, cache, iters, warmup=5, free_out=False, give_out=False):
       t0 = time.perf_counter()
       out, cache = run(cache, out)
       t1 = time.perf_counter()
-      jax.block_until_ready(out)
+      wait(out)
       t2 = time.perf_counter()
       walls.append(t2 - t0)
       rets.append(t1 - t0)
@@ -136,6 +146,33 @@ def _pipelined(call, cache, iters):
     t = (time.perf_counter() - t0) / iters
     best = t if best is None else min(best, t)
   return best, cache
+
+
+def floor_ladder(iters, counts=(1, 4, 16)):
+  """jax's own wall-minus-device for programs of growing length, nothing of nsa_jax in them:
+  a straight-line jit of n bf16 matmuls [4096, 4096] x [4096, 1024] (about 0.05 ms each on
+  an H200, no loop, so no host round trip inside). Rows of (n, wall, spin, return,
+  pipelined) ms; pipelined = the program's device time when calls run back to back."""
+  a = jnp.ones((4096, 4096), jnp.bfloat16)
+  rows = []
+  for n in counts:
+    @jax.jit
+    def prog(a):
+      c = a[:, :1024]
+      for _ in range(n):
+        c = jnp.tanh(a @ c * 1e-3)
+      return c
+    call = lambda s, o: (prog(a), s)  # noqa: E731
+    wall, ret, _ = _standalone(call, None, iters, give_out=True)
+    spin, _, _ = _standalone(call, None, iters, give_out=True, wait=_spin)
+    piped, _ = _pipelined(call, None, iters)
+    ms = 1e3
+    rows.append(dict(matmuls=n, wall_ms=wall * ms, spin_ms=spin * ms, return_ms=ret * ms,
+                     pipelined_ms=piped * ms, wall_minus_device_ms=(wall - piped) * ms))
+    print(f"  floor of {n:2d} matmuls: wall {wall * ms:.3f} ms, device {piped * ms:.3f}, "
+          f"wall - device {(wall - piped) * ms:.3f} (spinning {(spin - piped) * ms:.3f})",
+          flush=True)
+  return rows
 
 
 def _layers(steps_list, kind, x, qr, inputs, caches, iters):
@@ -234,6 +271,7 @@ def _case(name, kind, steps_list, cfg, rows, P, inputs, iters, T, S, seed):
   call_out = lambda c, o: (method(xs[0], qrs[0], inputs, c) if o is None  # noqa: E731
                            else method(xs[0], qrs[0], inputs, c, out=o))
   out_wall, out_ret, cache = _standalone(call_out, cache, iters, give_out=True)
+  spin, _, cache = _standalone(call_out, cache, iters, give_out=True, wait=_spin)
   piped, cache = _pipelined(call_out, cache, iters)
   floor, cache = _floor(steps.params, xs[0], qrs[0], inputs, cache, iters)
   prof, cache = _kernels(call, cache)
@@ -250,7 +288,7 @@ def _case(name, kind, steps_list, cfg, rows, P, inputs, iters, T, S, seed):
               overhead_ms=(wall - dev) * ms, floor_ms=floor * ms,
               vs_floor_ms=(wall - dev - floor) * ms, free_out_ms=free * ms,
               out_ms=out_wall * ms, out_return_ms=out_ret * ms,
-              out_overhead_ms=(out_wall - dev) * ms, pipelined_ms=piped * ms,
+              out_overhead_ms=(out_wall - dev) * ms, spin_ms=spin * ms, pipelined_ms=piped * ms,
               layers_ms=layers * ms, kernels=kernels, in_jit_ms=in_jit * ms,
               step_device_ms=opt(step_dev))
 
@@ -279,6 +317,8 @@ def main(argv=None):
   ap.add_argument("--cases", default="decode,extend,prefill",
                   help="comma-separated subset of decode,extend,prefill")
   ap.add_argument("--only", default="", help="comma list of case names (e.g. '1x4K,64x32K')")
+  ap.add_argument("--no-floors", action="store_true",
+                  help="skip the ladder of plain-jax programs (matmuls) of growing length")
   args = ap.parse_args(argv)
   want = set(args.cases.split(","))
   cfg = SMOKE_CFG if args.smoke else FULL_CFG
@@ -303,10 +343,11 @@ def main(argv=None):
         f"top-{cfg.topk}", flush=True)
   nsa_jax.budget.prime()
   steps_list = [nsa_jax.IndexerSteps(Indexer(cfg, rngs=nnx.Rngs(i))) for i in range(LAYERS)]
+  ladder = None if args.smoke or args.no_floors else floor_ladder(iters)
   rows = []
   cols = ["case", "T", "S", "wall_ms", "return_ms", "device_ms", "kernel_ms", "rdiff_ms",
           "overhead_ms", "floor_ms", "vs_floor_ms", "free_out_ms", "out_ms", "out_return_ms",
-          "out_overhead_ms", "pipelined_ms", "layers_ms", "kernels",
+          "out_overhead_ms", "spin_ms", "pipelined_ms", "layers_ms", "kernels",
           "in_jit_ms", "step_device_ms"]
   jobs = ([(decode_case, name, B, L) for name, B, L in decode] +
           [(prefill_case, name, ext, pre) for name, ext, pre in prefill])
@@ -318,7 +359,8 @@ def main(argv=None):
           f"same output address {r['free_out_ms'] - r['device_ms']:.3f}, "
           f"{LAYERS} layers {r['layers_ms'] - r['device_ms']:.3f})", flush=True)
     common.write_results("host_overhead", rows, args.out, args.smoke,
-                         extra=dict(r_small=R_SMALL, r_big=R_BIG, rounds=ROUNDS, layers=LAYERS))
+                         extra=dict(r_small=R_SMALL, r_big=R_BIG, rounds=ROUNDS, layers=LAYERS,
+                                    floor_ladder=ladder))
   print()
   common.print_table(rows, cols)
 
