@@ -335,3 +335,40 @@ def test_every_layer_in_one_jit(model, memory_queries):
     np.testing.assert_array_equal(np.asarray(outs[l]), np.asarray(refs[l]))
     np.testing.assert_array_equal(np.asarray(caches[l].k_fp8.view(jnp.uint8)),
                                   np.asarray(ref_caches[l].k_fp8.view(jnp.uint8)))
+
+
+@pytest.mark.gpu
+def test_gpu_out_matches_the_plain_call_with_pallas_kernels():
+  """On the GPU with the Pallas kernels: ``out=`` (outputs poisoned first) gives exactly the
+  plain call's indices, prefill and decode, call after call, and every ``out`` is donated."""
+  cfg = IndexerConfig(dim=512, q_lora_rank=256, n_heads=64, head_dim=128, topk=2048)
+  s = IndexerSteps(Indexer(cfg, rngs=nnx.Rngs(3)), backend="pallas")
+  rng = np.random.default_rng(12)
+  pre, ext = [0, 3000, 700], [2500, 1000, 1]
+  tables, P = allocate_block_tables([p + e + 2 for p, e in zip(pre, ext)], seed=5)
+  b = nsa_jax.build_ragged_batch(ext, pre)
+  inp = jax.device_put(prefill_inputs(b, tables, num_pages=P))
+  x, qr = bf16(rng, b.T_pad, cfg.dim), bf16(rng, b.T_pad, cfg.q_lora_rank)
+  d = jax.device_put(decode_inputs([p + e + 1 for p, e in zip(pre, ext)], tables, num_pages=P))
+  rows = d.context_lens.shape[0]
+  xd, qd = bf16(rng, rows, cfg.dim), bf16(rng, rows, cfg.q_lora_rank)
+
+  def cache0():  # random fp8 keys for the prefixes (zeros would tie every logit)
+    k = rng.integers(0, 256, (P, 64, cfg.head_dim), dtype=np.uint8) & np.uint8(0xBF)
+    return jax.device_put(nsa_jax.IndexKCache(k.view(ml_dtypes.float8_e4m3fn),
+                                              np.full((P, 64), 1 / 64, np.float32)))
+  base = cache0()
+  ref_p, c = s.prefill(x, qr, inp, jax.tree.map(jnp.copy, base))
+  ref_d, _ = s.decode(xd, qd, d, c)
+  ref_p, ref_d = np.asarray(ref_p), np.asarray(ref_d)
+  assert (ref_p >= 0).any() and (ref_d >= 0).any()
+  out = jnp.full(ref_p.shape, 12345, jnp.int32)  # poison: every entry must be written
+  out_d = jnp.full(ref_d.shape, 12345, jnp.int32)
+  for _ in range(3):
+    cache = jax.tree.map(jnp.copy, base)
+    old, old_d = out, out_d
+    out, cache = s.prefill(x, qr, inp, cache, out=out)
+    out_d, cache = s.decode(xd, qd, d, cache, out=out_d)
+    assert old.is_deleted() and old_d.is_deleted()
+    np.testing.assert_array_equal(np.asarray(out), ref_p)
+    np.testing.assert_array_equal(np.asarray(out_d), ref_d)
