@@ -31,10 +31,13 @@ in one run on an H200 (jax 0.11.2, V3.2 decode, B = 1, 4K context, device ~0.044
 of the same arguments doing nothing costs ~0.07 ms of wall time (dispatch, donation,
 waiting for the result); the step's ~24 kernels run as XLA command buffers (CUDA graphs:
 with them off, the same step kept the GPU busy 0.131 ms instead of 0.045), which add
-~0.03 ms, and ~0.025 ms more when a buffer address changes between calls (XLA then updates
-the graphs' kernel arguments: a new output buffer while the last one is alive, or another
-layer's parameters and cache). Larger steps cost more (64 x 32K: ~0.16-0.18 ms beyond the
-device time). ``benchmarks/bench_host_overhead.py`` reports each part.
+~0.03 ms, and ~0.03 ms more when a buffer address changes between calls (XLA then re-records
+the graph: a new output buffer while the last one is alive, new activations, or another
+layer's parameters and cache). ``out=`` removes the first of these: the spent indices are
+donated and aliased to the new ones. Longer steps cost more beyond their device time
+(prefill 4K: ~0.3 ms), as a plain-jax program of the same length does: jax is told that a
+program finished by a host function the CUDA driver runs after the GPU is done, and that
+wakes late after a long wait. ``benchmarks/bench_host_overhead.py`` reports each part.
 
 The same pure functions are exposed (:meth:`IndexerSteps.prefill_fn`,
 :meth:`IndexerSteps.decode_fn`) for running every layer of a model inside one jit of the
