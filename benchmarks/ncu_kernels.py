@@ -3,11 +3,17 @@
 Usage (H200, from the project root; ncu reads the counters on these machines, leave the
 clocks alone as device METHOD.md asks):
 
+  XLA_PYTHON_CLIENT_PREALLOCATE=false \\
   ncu --clock-control none -k 'regex:mosaic_gpu' --launch-count 4 \\
       --section SpeedOfLight --section LaunchStats --section Occupancy \\
       --section WarpStateStats --section SchedulerStats \\
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \\
       python3 benchmarks/ncu_kernels.py paged:64x32Kx2 mqa:8192x32768 > $OUT/ncu.txt
+
+Without ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` jax holds 75% of the GPU's memory and ncu saves
+and restores all of it for every replay pass (ncu warns "Backing up device memory in system
+memory"): on 2026-12-02 five replayed launches of the logits kernel (2048 x 8192, 8192 x 8192)
+filled a 330-second run, which was cut before ncu printed its report.
 
 Cases: ``paged:BxCTX[xNEXT_N]`` (H = 64, every request at CTX tokens, shuffled pages) and
 ``mqa:TxS[xH]`` (causal: the last T of S tokens are the queries), each with the default
