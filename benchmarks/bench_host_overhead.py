@@ -34,7 +34,7 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
   CUDA graph as recorded; ``out_overhead_ms = out_ms - device_ms``.
 - ``spin_ms``: ``out_ms`` when the host waits by polling ``out.is_ready()`` rather than
   sleeping in ``block_until_ready``: the part of the wall that is the host thread waking up.
-- ``pipelined_ms``: per call, ``PIPELINED`` such calls (``out=``) issued back to back with one
+- ``pipelined_ms``: per call, ``--iters`` such calls (``out=``) issued back to back with one
   wait at the end: the larger of the host's time per call and the device's (the graph's
   launch and gaps included), i.e. what the step costs when the host runs ahead.
 - ``layers_ms``: ``wall_ms`` when the calls cycle over ``LAYERS`` layers of the same config
