@@ -34,6 +34,9 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
   CUDA graph as recorded; ``out_overhead_ms = out_ms - device_ms``.
 - ``spin_ms``: ``out_ms`` when the host waits by polling ``out.is_ready()`` rather than
   sleeping in ``block_until_ready``: the part of the wall that is the host thread waking up.
+- ``vs_ladder_ms``: ``out_overhead_ms`` minus jax's own wall-minus-device for a plain
+  program of the same device time (``floor_ladder``, interpolated in device time, clamped at
+  its ends): what the step adds over jax for a call of its length (None without the ladder).
 - ``pipelined_ms``: per call, ``--iters`` such calls (``out=``) issued back to back with one
   wait at the end: the larger of the host's time per call and the device's (the graph's
   launch and gaps included), i.e. what the step costs when the host runs ahead.
@@ -173,6 +176,12 @@ def floor_ladder(iters, counts=(1, 4, 16)):
           f"wall - device {(wall - piped) * ms:.3f} (spinning {(spin - piped) * ms:.3f})",
           flush=True)
   return rows
+
+
+def ladder_floor(ladder, device_ms):
+  """jax's wall-minus-device (ms) for a plain program of ``device_ms``, from the ladder."""
+  pts = sorted((r["pipelined_ms"], r["wall_minus_device_ms"]) for r in ladder)
+  return float(np.interp(device_ms, [p[0] for p in pts], [p[1] for p in pts]))
 
 
 def _layers(steps_list, kind, x, qr, inputs, caches, iters):
@@ -347,13 +356,15 @@ def main(argv=None):
   rows = []
   cols = ["case", "T", "S", "wall_ms", "return_ms", "device_ms", "kernel_ms", "rdiff_ms",
           "overhead_ms", "floor_ms", "vs_floor_ms", "free_out_ms", "out_ms", "out_return_ms",
-          "out_overhead_ms", "spin_ms", "pipelined_ms", "layers_ms", "kernels",
+          "out_overhead_ms", "vs_ladder_ms", "spin_ms", "pipelined_ms", "layers_ms", "kernels",
           "in_jit_ms", "step_device_ms"]
   jobs = ([(decode_case, name, B, L) for name, B, L in decode] +
           [(prefill_case, name, ext, pre) for name, ext, pre in prefill])
   for fn, name, a, b in jobs:
     rows.append(fn(name, steps_list, cfg, a, b, iters))
     r = rows[-1]
+    r["vs_ladder_ms"] = (r["out_overhead_ms"] - ladder_floor(ladder, r["device_ms"])
+                         if ladder else None)
     print(f"  {name:18s} overhead {r['overhead_ms']:.3f} ms (out= {r['out_overhead_ms']:.3f}, "
           f"floor {r['floor_ms']:.3f}, pipelined {r['pipelined_ms']:.3f}, "
           f"same output address {r['free_out_ms'] - r['device_ms']:.3f}, "
