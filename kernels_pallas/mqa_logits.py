@@ -51,10 +51,12 @@ from kernels_pallas import _mlir
 SUPPORTED_HEADS = (16, 32, 64, 128)
 SUPPORTED_HEAD_DIMS = (128,)
 _WGMMA_N = 128  # block_q * H: the query rows one wgmma takes as its N side
-# balance=None takes the balanced schedule from this many key tiles a row (S / block_kv) on:
-# on the H200 (2026-12-02, one call, kernel time) it was 1.3-3.2% faster at S = 32768-65536
-# and 1.3-14% slower at S = 8192-16384 (2048 x 8192 the worst; not explained yet).
-BALANCE_MIN_TILES = 128
+# balance=None takes the balanced schedule from this many key tiles a row (S / block_kv) on.
+# H200, 2026-12-02, eighth session, one call, kernel time, once its table lost its loop
+# (``_search``): faster than round-robin by 0.9-1.9% at S = 16384, 1.5-4.9% at 32768-65536,
+# even at 8192 x 8192 (+0.6%), 4.7% slower at 2048 x 8192 (a 0.24 ms kernel: the balanced
+# table's extra fusions, ~10 us, are a larger share there).
+BALANCE_MIN_TILES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +75,8 @@ class MqaLogitsConfig:
       cut evenly over all CTAs at key-tile boundaries (``_schedule``); False: whole blocks
       round-robin, which leaves the CTAs of the partial round idle for a block's time
       (4096 blocks on 132 SMs: 31.03 rounds). None (default): True for rows of at least
-      ``BALANCE_MIN_TILES`` key tiles, where it measured 1.3-3.2% faster on the H200, else
-      False (shorter rows measured 1.3-14% slower with it, 2026-12-02).
+      ``BALANCE_MIN_TILES`` key tiles, where it measured 0.9-4.9% faster on the H200, else
+      False (2048 x 8192 measured 4.7% slower with it, 2026-12-02).
     num_consumers: math warpgroups (2 to 4). More of them interleave one's CUDA-core
       epilogue with the others' wgmma at a smaller accumulator each (the register file
       is shared: 232 registers a thread for 2, 160 for 3, 112 for 4).
@@ -558,6 +560,11 @@ def _build(T: int, T_pad: int, S: int, S_k: int, S_out: int, H: int, D: int,
   )
 
 
+def _search(sorted_: jax.Array, v: jax.Array) -> jax.Array:
+  """``searchsorted(sorted_, v, side="right")`` without a loop (int32 [len(v)])."""
+  return jnp.searchsorted(sorted_, v, side="right", method="compare_all").astype(jnp.int32)
+
+
 def _schedule(tiles: jax.Array, G: int, cfg: MqaLogitsConfig) -> jax.Array:
   """Each CTA's share of the query blocks, int32 [5 * G]: for CTA c at ``f * G + c``, f =
   0: its first block of the last, partial round (relative to the round's start), 1: how many
@@ -601,8 +608,11 @@ def _schedule(tiles: jax.Array, G: int, cfg: MqaLogitsConfig) -> jax.Array:
   start = c * q + jnp.minimum(c, r)
   end = start + q + (c < r).astype(jnp.int32)
   some = end > start            # fewer units than CTAs: some CTAs take none
-  b0 = jnp.clip(jnp.searchsorted(first_unit, start, side="right") - 1, 0, rest - 1)
-  b1 = jnp.clip(jnp.searchsorted(first_unit, end - 1, side="right") - 1, 0, rest - 1)
+  # compare_all: jnp.searchsorted's default is a loop, which XLA runs from the host on a
+  # GPU (a round trip per step: 34 us at 2048 x 8192, more than the schedule gains there);
+  # [G, rest + 1] comparisons are one small fusion.
+  b0 = jnp.clip(_search(first_unit, start) - 1, 0, rest - 1)
+  b1 = jnp.clip(_search(first_unit, end - 1) - 1, 0, rest - 1)
   off0, off1 = start - first_unit[b0], end - first_unit[b1]
   got = ((first_tile[b1] + jnp.minimum(off1, tail[b1]))
          - (first_tile[b0] + jnp.minimum(off0, tail[b0])))
