@@ -35,9 +35,11 @@ with them off, the same step kept the GPU busy 0.131 ms instead of 0.045), which
 the graph: a new output buffer while the last one is alive, new activations, or another
 layer's parameters and cache). ``out=`` removes the first of these: the spent indices are
 donated and aliased to the new ones. Longer steps cost more beyond their device time
-(prefill 4K: ~0.3 ms), as a plain-jax program of the same length does (most likely because
-jax is told that a program finished by a host function the CUDA driver runs after the GPU is
-done, and that wakes late after a long wait). ``benchmarks/bench_host_overhead.py`` reports each part.
+(prefill 4K: ~0.3 ms), as a plain-jax program of the same length does: jax is told that a
+program finished by a host function the CUDA driver runs after the GPU is done, then two
+thread hand-offs, and those wake late after a long wait (no setting of jax 0.11.2 or of the
+machine changed that; benchmarks/NOTES.md). Each kernel of the graph adds ~1.5-2 us to a
+standalone call. ``benchmarks/bench_host_overhead.py`` reports each part.
 
 The same pure functions are exposed (:meth:`IndexerSteps.prefill_fn`,
 :meth:`IndexerSteps.decode_fn`) for running every layer of a model inside one jit of the
