@@ -37,6 +37,9 @@ V3.2. For each case (V3.2 shapes; --smoke: a narrow layer, small sizes, runs on 
 - ``vs_ladder_ms``: ``out_overhead_ms`` minus jax's own wall-minus-device for a plain
   program of the same device time (``floor_ladder``, interpolated in device time, clamped at
   its ends): what the step adds over jax for a call of its length (None without the ladder).
+- ``graph_ladder`` (in the JSON; skipped with ``--no-floors``): wall minus device time of
+  jits of a chain of n small fusions (n kernels in the CUDA graph) and of one fusion over n
+  arguments, nothing of nsa_jax: what one more kernel or argument costs a standalone call.
 - ``pipelined_ms``: per call, ``--iters`` such calls (``out=``) issued back to back with one
   wait at the end: the larger of the host's time per call and the device's (the graph's
   launch and gaps included), i.e. what the step costs when the host runs ahead.
@@ -175,6 +178,39 @@ def floor_ladder(iters, counts=(1, 4, 16)):
     print(f"  floor of {n:2d} matmuls: wall {wall * ms:.3f} ms, device {piped * ms:.3f}, "
           f"wall - device {(wall - piped) * ms:.3f} (spinning {(spin - piped) * ms:.3f})",
           flush=True)
+  return rows
+
+
+def graph_ladder(iters, chains=(1, 8, 24, 48), arg_counts=(1, 4, 12, 24)):
+  """What a kernel of the CUDA graph and an argument cost a standalone call: jits of a chain
+  of n small fusions (optimization barriers keep them apart) and of one small fusion over n
+  arguments. Rows of (program, n, kernels, device, wall, wall - device) ms; device is the
+  CUPTI busy span (None without a GPU profiler: then wall - device is None too)."""
+  x0 = jnp.ones((4096,), jnp.float32)
+  progs = []
+  for n in chains:
+    def chain(x, n=n):
+      for _ in range(n):
+        x = jax.lax.optimization_barrier(jnp.sin(x) * 0.5 + 1.0)
+      return x
+    f = jax.jit(chain)
+    progs.append(("chain", n, lambda f=f: f(x0)))
+  for n in arg_counts:
+    args = [jnp.full((16,), i, jnp.float32) for i in range(n)]
+    f = jax.jit(lambda *a: sum(a))
+    progs.append(("args", n, lambda f=f, args=args: f(*args)))
+  rows = []
+  for kind, n, run in progs:
+    call = lambda s, o, run=run: (run(), s)  # noqa: E731
+    wall, _, _ = _standalone(call, None, iters, give_out=True)
+    prof = _profile(lambda run=run: jax.block_until_ready(run()))
+    dev = prof[2] * 1e3 if prof else None
+    ms = 1e3
+    rows.append(dict(program=kind, n=n, kernels=prof[0] if prof else None, device_ms=dev,
+                     wall_ms=wall * ms, wall_minus_device_ms=None if dev is None else wall * ms - dev))
+    print(f"  {kind} {n:2d}: wall {wall * ms:.3f} ms"
+          + (f", {prof[0]} kernels, device {dev:.3f}, wall - device {wall * ms - dev:.3f}"
+             if prof else ""), flush=True)
   return rows
 
 
@@ -327,7 +363,8 @@ def main(argv=None):
                   help="comma-separated subset of decode,extend,prefill")
   ap.add_argument("--only", default="", help="comma list of case names (e.g. '1x4K,64x32K')")
   ap.add_argument("--no-floors", action="store_true",
-                  help="skip the ladder of plain-jax programs (matmuls) of growing length")
+                  help="skip the ladders of plain-jax programs (matmuls of growing length; "
+                       "chains of small kernels and growing argument lists)")
   args = ap.parse_args(argv)
   want = set(args.cases.split(","))
   cfg = SMOKE_CFG if args.smoke else FULL_CFG
@@ -353,6 +390,7 @@ def main(argv=None):
   nsa_jax.budget.prime()
   steps_list = [nsa_jax.IndexerSteps(Indexer(cfg, rngs=nnx.Rngs(i))) for i in range(LAYERS)]
   ladder = None if args.smoke or args.no_floors else floor_ladder(iters)
+  graph = None if args.no_floors else graph_ladder(iters)
   rows = []
   cols = ["case", "T", "S", "wall_ms", "return_ms", "device_ms", "kernel_ms", "rdiff_ms",
           "overhead_ms", "floor_ms", "vs_floor_ms", "free_out_ms", "out_ms", "out_return_ms",
@@ -371,7 +409,7 @@ def main(argv=None):
           f"{LAYERS} layers {r['layers_ms'] - r['device_ms']:.3f})", flush=True)
     common.write_results("host_overhead", rows, args.out, args.smoke,
                          extra=dict(r_small=R_SMALL, r_big=R_BIG, rounds=ROUNDS, layers=LAYERS,
-                                    floor_ladder=ladder))
+                                    floor_ladder=ladder, graph_ladder=graph))
   print()
   common.print_table(rows, cols)
 
