@@ -214,7 +214,7 @@ def test_schedule_covers_every_tile_once(balance):
 @pytest.mark.parametrize("balance", [True, False])
 def test_schedule_has_no_loop(balance):
   """The schedule is straight-line XLA: a loop in it (jnp.searchsorted's default method) runs
-  from the host on a GPU, one round trip per step (34 us at 2048 x 8192 on the H200)."""
+  on a GPU one step at a time (about 25 us of kernel time at 2048 x 8192 on the H200)."""
   from kernels_pallas import mqa_logits as kernel
   cfg = dataclasses.replace(kernel.MqaLogitsConfig.for_heads(64), balance=balance)
   tiles = jnp.arange(1024, dtype=jnp.int32)          # 7 whole rounds of 132 and 100 blocks
