@@ -86,6 +86,7 @@ def cpu(arrays):
 
 def traced(fn):
   """Calls fn(tracer) under jax.jit: host-side builders must refuse traced values."""
+  I()  # the shared inputs are built outside the trace (their jnp calls would be traced)
   return jax.jit(lambda a: fn(a) and a)(jnp.arange(2, dtype=jnp.int32))
 
 
