@@ -38,7 +38,7 @@ donated and aliased to the new ones. Longer steps cost more beyond their device 
 (prefill 4K: ~0.3 ms), as a plain-jax program of the same length does: jax is told that a
 program finished by a host function the CUDA driver runs after the GPU is done, then two
 thread hand-offs, and those wake late after a long wait (no setting of jax 0.11.2 or of the
-machine changed that; benchmarks/NOTES.md). Each kernel of the graph adds ~1.5-2 us to a
+machine changed that; benchmarks/NOTES.md). Each kernel of the graph adds ~1.5-3.5 us to a
 standalone call. ``benchmarks/bench_host_overhead.py`` reports each part.
 
 The same pure functions are exposed (:meth:`IndexerSteps.prefill_fn`,
