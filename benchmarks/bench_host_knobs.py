@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -88,42 +86,17 @@ def _one(knob: str, smoke: bool, iters: int, rounds: int, path: str) -> None:
   from benchmarks import bench_host_overhead as bh
   from nsa_jax.indexer import Indexer, allocate_block_tables, decode_inputs, prefill_inputs
 
-  def timed(call, wait):
-    out = None
-    for _ in range(5):
-      out = call(out)
-      jax.block_until_ready(out)
-    meds = []
-    for _ in range(rounds):
-      ws = []
-      for _ in range(iters):
-        t0 = time.perf_counter()
-        out = call(out)
-        wait(out)
-        ws.append(time.perf_counter() - t0)
-      meds.append(statistics.median(ws) * 1e3)
-    return min(meds)
-
-  def piped(call):
-    out = None
-    for _ in range(5):
-      out = call(out)
-      jax.block_until_ready(out)
-    best = None
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      for _ in range(iters):
-        out = call(out)
-      jax.block_until_ready(out)
-      t = (time.perf_counter() - t0) / iters * 1e3
-      best = t if best is None else min(best, t)
-    return best
-
   rows = []
 
-  def measure(case, call):
-    r = dict(knob=knob, case=case, piped_ms=piped(call), wall_ms=timed(call, jax.block_until_ready),
-             spin_ms=timed(call, bh._spin), note=note)
+  def measure(case, call, state=None):
+    """``call(state, out) -> (out, state)``, ``out`` None on the first call."""
+    wall, _, state = bh._standalone(call, state, iters, give_out=True, rounds=rounds)
+    spin, _, state = bh._standalone(call, state, iters, give_out=True, wait=bh._spin,
+                                    rounds=rounds)
+    # After the standalone rounds: their warm-up compiled the out= program.
+    piped, _ = bh._pipelined(call, state, iters, rounds=rounds)
+    r = dict(knob=knob, case=case, piped_ms=piped * 1e3, wall_ms=wall * 1e3,
+             spin_ms=spin * 1e3, note=note)
     rows.append(r)
     print(f"  [{knob}] {case:14s} wall {r['wall_ms']:.3f}  spin {r['spin_ms']:.3f}  "
           f"back to back {r['piped_ms']:.3f} ms", flush=True)
@@ -137,7 +110,7 @@ def _one(knob: str, smoke: bool, iters: int, rounds: int, path: str) -> None:
         c = jnp.tanh(a @ c * 1e-3)
       return c
     f = jax.jit(prog)
-    measure(f"mm{count}", lambda o, f=f: f(a))
+    measure(f"mm{count}", lambda st, o, f=f: (f(a), st))
 
   cfg = bh.SMOKE_CFG if smoke else bh.FULL_CFG
   nsa_jax.budget.prime()
@@ -161,15 +134,10 @@ def _one(knob: str, smoke: bool, iters: int, rounds: int, path: str) -> None:
       rows_n, m = b.T_pad, steps.prefill
     x = bh._bf16(rng, (rows_n, cfg.dim))
     qr = bh._bf16(rng, (rows_n, cfg.q_lora_rank))
-    state = dict(cache=bh._random_cache(rng, P, cfg.head_dim))
 
-    def call(o, m=m, x=x, qr=qr, inp=inp, state=state):
-      if o is None:
-        o, state["cache"] = m(x, qr, inp, state["cache"])
-      else:
-        o, state["cache"] = m(x, qr, inp, state["cache"], out=o)
-      return o
-    measure(case, call)
+    def call(cache, o, m=m, x=x, qr=qr, inp=inp):
+      return m(x, qr, inp, cache) if o is None else m(x, qr, inp, cache, out=o)
+    measure(case, call, bh._random_cache(rng, P, cfg.head_dim))
   with open(path, "w") as f:
     json.dump(rows, f)
   if hold is not None:

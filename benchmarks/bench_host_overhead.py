@@ -109,19 +109,19 @@ def _spin(out):
 
 
 def _standalone(call, cache, iters, warmup=5, free_out=False, give_out=False,
-                wait=jax.block_until_ready):
+                wait=jax.block_until_ready, rounds=None):
   """(wall s, until-return s, cache) of ``call(cache) -> (out, cache)``: the round with the
   lowest median wall of ``ROUNDS`` rounds of ``iters`` calls. ``free_out``: delete each
   output before the next call (the program gets the same output address every time);
   ``give_out``: ``call(cache, out)`` gets the previous output (for ``out=``); ``wait``: how
-  the host waits for the output."""
+  the host waits for the output; ``rounds``: None for ``ROUNDS``."""
   out = None
   run = (lambda c, o: call(c, o)) if give_out else (lambda c, o: call(c))  # noqa: E731
   for _ in range(warmup):
     out, cache = run(cache, out)
     jax.block_until_ready(out)
   best = None
-  for _ in range(ROUNDS):
+  for _ in range(rounds or ROUNDS):
     walls, rets = [], []
     for _ in range(iters):
       if free_out:
@@ -138,13 +138,13 @@ def _standalone(call, cache, iters, warmup=5, free_out=False, give_out=False,
   return best[0], best[1], cache
 
 
-def _pipelined(call, cache, iters):
+def _pipelined(call, cache, iters, rounds=None):
   """Seconds per call of ``iters`` calls ``call(cache, out)`` issued back to back (one wait
   at the end), the lowest of ``ROUNDS`` rounds; and the cache."""
   out, cache = call(cache, None)
   jax.block_until_ready(out)
   best = None
-  for _ in range(ROUNDS):
+  for _ in range(rounds or ROUNDS):
     t0 = time.perf_counter()
     for _ in range(iters):
       out, cache = call(cache, out)

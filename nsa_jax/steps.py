@@ -242,7 +242,8 @@ class IndexerSteps:
         if type(output) is str else None
     # The fast path: one dict lookup, a few type checks, one config read, then jax's C++
     # dispatch. Anything else (first call, numpy or traced arguments, checking mode, bad
-    # input) takes _call, which checks and names a bad argument.
+    # input) takes _call, which checks and names a bad argument. decode repeats it rather
+    # than sharing a helper: a helper is one more Python frame on every steady call.
     if (fn is None or type(inputs) is not PrefillInputs or type(cache) is not IndexKCache
         or type(x) not in _ARRAY_TYPES or type(qr) not in _ARRAY_TYPES
         or (out is not None and type(out) not in _ARRAY_TYPES) or checking_enabled()):
